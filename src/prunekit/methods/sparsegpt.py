@@ -1,0 +1,110 @@
+"""SparseGPT (Frantar & Alistarh, 2023): prune column block by column block with the Optimal Brain
+Surgeon update, using the inverse Hessian H^-1 of the layer-wise reconstruction problem, H = X X^T.
+
+Layers that read the same input (q/k/v, gate/up) share H, so prunekit factors it once and runs the
+column sweep on their rows stacked into one matrix; the mask is still chosen per layer (unstructured: the
+lowest w^2 / [H^-1]_jj^2 of each layer within each column block; N:M: per row group, as in the paper).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from prunekit.masks import n_of_m, per_layer
+from prunekit.methods.base import Method
+
+
+def inverse_hessian_cholesky(h: torch.Tensor, dampening: float, max_tries: int = 8) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1. Raises damping x10 while Cholesky fails.
+
+    Returns the factor and the dampening fraction that worked.
+    """
+    n = h.shape[0]
+    mean_diag = torch.diag(h).mean()
+    damp = dampening
+    eye = torch.eye(n, dtype=h.dtype)
+    for _ in range(max_tries):
+        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(lower)
+            upper, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info2) == 0:
+                if damp != dampening:
+                    warnings.warn(f"SparseGPT: Hessian not positive definite; raised dampening to {damp:g}", stacklevel=2)
+                return upper, damp
+        damp *= 10.0
+    raise RuntimeError(f"SparseGPT: Cholesky failed even with dampening {damp / 10:g}")
+
+
+def sparsegpt_(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+) -> None:
+    """Prune and update every ``[out, in]`` matrix of ``weights`` in place; they all read the same input."""
+    rows = [w.shape[0] for w in weights]
+    bounds = torch.tensor([0] + rows).cumsum(0).tolist()
+    W = torch.cat([w.float() for w in weights], 0)
+    H = hessian.float().clone()
+    cols = W.shape[1]
+    if nm is not None and blocksize % nm[1]:
+        blocksize = max(nm[1], blocksize // nm[1] * nm[1])  # N:M groups must not straddle column blocks
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    Hinv, _ = inverse_hessian_cholesky(H, dampening)
+    del H
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+
+        if nm is None:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            tmp = W1.pow(2) / d.pow(2).unsqueeze(0)
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                mask1[a:b] = per_layer(tmp[a:b], sparsity)
+        else:
+            n, m = nm
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+
+        for i in range(count):
+            w = W1[:, i]
+            if nm is not None and i % m == 0:
+                tmp = W1[:, i : i + m].pow(2) / d[i : i + m].pow(2).unsqueeze(0)
+                mask1[:, i : i + m] = n_of_m(tmp, n, m)
+            q = w.masked_fill(mask1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
+            Err1[:, i] = err
+
+        W[:, i1:i2] = Q1
+        if i2 < cols:
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
+
+    for w, a, b in zip(weights, bounds[:-1], bounds[1:]):
+        w.copy_(W[a:b].to(w.dtype))
+
+
+class SparseGPT(Method):
+    name = "sparsegpt"
+    statistic = "hessian"
+
+    def __init__(self, blocksize: int = 128, dampening: float = 0.01):
+        self.blocksize = blocksize
+        self.dampening = dampening
+
+    def prune_group(self, weights, stat, sparsity, nm):
+        sparsegpt_(weights, stat, sparsity, nm, self.blocksize, self.dampening)

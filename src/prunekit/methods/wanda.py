@@ -1,0 +1,26 @@
+"""Wanda (Sun et al., 2023): score |W_ij| * ||X_j||_2, compared within each output row (or N:M group).
+
+No weight update, no second-order information: one statistic per input channel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunekit.masks import make_mask
+from prunekit.methods.base import Method
+
+
+def wanda_scores(w: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
+    """|W| * ||X_j||_2 with ``sqnorm[j]`` = sum over calibration tokens of x_j^2."""
+    return w.abs() * sqnorm.sqrt().to(w.dtype).unsqueeze(0)
+
+
+class Wanda(Method):
+    name = "wanda"
+    statistic = "sqnorm"
+
+    def prune_group(self, weights, stat, sparsity, nm):
+        for w in weights:
+            mask = make_mask(wanda_scores(w, stat), sparsity, nm, group="row")
+            w.masked_fill_(mask, 0.0)

