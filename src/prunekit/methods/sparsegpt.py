@@ -61,10 +61,14 @@ def sparsegpt_(
     Hinv, _ = inverse_hessian_cholesky(H, dampening)
     del H
 
+    # The per-column sweep is thousands of tiny ops: one thread avoids synchronisation costs that dominate
+    # them on a CPU (and collapse under any other load); the big trailing update uses every thread.
+    threads = torch.get_num_threads()
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
+        # work on the transpose: column i of the block is then a contiguous row
+        W1 = W[:, i1:i2].t().contiguous()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
@@ -72,27 +76,31 @@ def sparsegpt_(
 
         if nm is None:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-            tmp = W1.pow(2) / d.pow(2).unsqueeze(0)
+            tmp = W1.pow(2) / d.pow(2).unsqueeze(1)
             for a, b in zip(bounds[:-1], bounds[1:]):
-                mask1[a:b] = per_layer(tmp[a:b], sparsity)
+                mask1[:, a:b] = per_layer(tmp[:, a:b], sparsity)
         else:
             n, m = nm
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
-        for i in range(count):
-            w = W1[:, i]
-            if nm is not None and i % m == 0:
-                tmp = W1[:, i : i + m].pow(2) / d[i : i + m].pow(2).unsqueeze(0)
-                mask1[:, i : i + m] = n_of_m(tmp, n, m)
-            q = w.masked_fill(mask1[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
-            Err1[:, i] = err
+        torch.set_num_threads(1)
+        try:
+            for i in range(count):
+                w = W1[i]
+                if nm is not None and i % m == 0:
+                    tmp = W1[i : i + m].pow(2) / d[i : i + m].pow(2).unsqueeze(1)
+                    mask1[i : i + m] = n_of_m(tmp.t(), n, m).t()
+                q = w.masked_fill(mask1[i], 0.0)
+                Q1[i] = q
+                err = (w - q).div_(d[i])
+                W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
+                Err1[i] = err
+        finally:
+            torch.set_num_threads(threads)
 
-        W[:, i1:i2] = Q1
+        W[:, i1:i2] = Q1.t()
         if i2 < cols:
-            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
+            W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1.0)
 
     for w, a, b in zip(weights, bounds[:-1], bounds[1:]):
         w.copy_(W[a:b].to(w.dtype))
