@@ -127,8 +127,11 @@ def run_sequential(
         collectors: dict[int, object] = {}
         live: dict[int, tuple[torch.Tensor, int]] = {}
 
+        seen_in_chunk: set[str] = set()
+        n_targets = len(targets[bi])
+
         def make_hook(name: str, module: nn.Module):
-            def hook(_mod, inp, _out):
+            def hook(_mod, inp):
                 x = inp[0]
                 gid = group_of.get(name)
                 if gid is None:
@@ -144,15 +147,24 @@ def run_sequential(
                     members[gid].append((name, module))
                 if members[gid][0][0] == name:
                     collectors[gid].add(x.detach().to("cpu") if device.type != "cpu" else x.detach())
+                seen_in_chunk.add(name)
+                if len(seen_in_chunk) == n_targets:
+                    # every target has its input: the rest of this pass (the last layer itself included)
+                    # computes outputs nobody reads, so stop here
+                    raise _StopForward
 
             return hook
 
-        handles = [m.register_forward_hook(make_hook(n, m)) for n, m in targets[bi]]
+        handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in targets[bi]]
         t0 = time.perf_counter()
         try:
             for i in range(len(inputs.hidden)):
-                _call_block(block, inputs, i)
+                try:
+                    _call_block(block, inputs, i)
+                except _StopForward:
+                    pass
                 live.clear()
+                seen_in_chunk.clear()
         finally:
             for h in handles:
                 h.remove()

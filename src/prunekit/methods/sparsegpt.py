@@ -26,11 +26,12 @@ def inverse_hessian_cholesky(h: torch.Tensor, dampening: float, max_tries: int =
     damp = dampening
     eye = torch.eye(n, dtype=h.dtype)
     for _ in range(max_tries):
-        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        # Cholesky of the index-reversed matrix gives H = R R^T with R upper triangular; then
+        # H^-1 = (R^-1)^T R^-1 and R^-1 is the upper factor we want: one factorization, one triangular inverse.
+        lower_rev, info = torch.linalg.cholesky_ex((h + damp * mean_diag * eye).flip(0, 1))
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(lower)
-            upper, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info2) == 0:
+            upper = torch.linalg.solve_triangular(lower_rev.flip(0, 1), eye, upper=True)
+            if torch.isfinite(upper).all():
                 if damp != dampening:
                     warnings.warn(f"SparseGPT: Hessian not positive definite; raised dampening to {damp:g}", stacklevel=2)
                 return upper, damp
@@ -69,34 +70,33 @@ def sparsegpt_(
         count = i2 - i1
         # work on the transpose: column i of the block is then a contiguous row
         W1 = W[:, i1:i2].t().contiguous()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
-
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
         if nm is None:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
             tmp = W1.pow(2) / d.pow(2).unsqueeze(1)
             for a, b in zip(bounds[:-1], bounds[1:]):
                 mask1[:, a:b] = per_layer(tmp[:, a:b], sparsity)
+            # err_i = w_i * mask_i / d_i, the scale fixed up front for the whole block
+            scale = mask1.to(W1.dtype).div_(d.unsqueeze(1))
         else:
             n, m = nm
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            scale = torch.zeros_like(W1)
 
         torch.set_num_threads(1)
         try:
             for i in range(count):
-                w = W1[i]
                 if nm is not None and i % m == 0:
                     tmp = W1[i : i + m].pow(2) / d[i : i + m].pow(2).unsqueeze(1)
                     mask1[i : i + m] = n_of_m(tmp.t(), n, m).t()
-                q = w.masked_fill(mask1[i], 0.0)
-                Q1[i] = q
-                err = (w - q).div_(d[i])
-                W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
-                Err1[i] = err
+                    scale[i : i + m] = mask1[i : i + m].to(W1.dtype).div_(d[i : i + m].unsqueeze(1))
+                torch.mul(W1[i], scale[i], out=Err1[i])
+                # OBS update of the remaining columns; on column i itself it leaves w - w*mask = q
+                W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1.0)
         finally:
             torch.set_num_threads(threads)
+        Q1 = W1.masked_fill_(mask1, 0.0)
 
         W[:, i1:i2] = Q1.t()
         if i2 < cols:
