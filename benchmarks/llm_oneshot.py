@@ -27,6 +27,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
+def peer_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llmcompressor")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -37,6 +46,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--no-peers", action="store_true", help="skip llm-compressor")
+    ap.add_argument("--peer-batch-size", type=int, default=1, help="llm-compressor calibration batch size (its default: 1)")
     ap.add_argument("--out", default=str(HERE / "results" / "llm_oneshot"))
     args = ap.parse_args()
 
@@ -73,7 +83,7 @@ def main() -> None:
             rows[-1]["times"] = rep.times
             if peers is not None and method in ("wanda", "sparsegpt"):
                 model.load_state_dict(dense_state)
-                secs = peers.run_llmcompressor(model, method, 0.5, pattern, calib)
+                secs = peers.run_llmcompressor(model, method, 0.5, pattern, calib, batch_size=args.peer_batch_size)
                 record("llm-compressor", method, pattern, secs, model)
 
     # table
@@ -81,7 +91,8 @@ def main() -> None:
     lines = [
         f"SmolLM2-135M, calibration {args.samples} x {args.seqlen} tokens, evaluation {windows.shape[0]} x "
         f"{args.seqlen} tokens (held-out plays); {platform.machine()} CPU, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads",
+        f"{torch.__version__}, {torch.get_num_threads()} threads; llm-compressor {peer_version()} calibration batch size "
+        f"{args.peer_batch_size}, prunekit batch size 8",
         "",
         "| method | pattern | prunekit ppl | prunekit s | llm-compressor ppl | llm-compressor s | time ratio |",
         "|---|---|---|---|---|---|---|",
