@@ -21,17 +21,21 @@ def test_prune_then_eval(tiny_dir, tmp_path):
     r = run("prune", str(d), "--method", "sparsegpt", "--pattern", "2:4", "--calib", str(text),
             "--calib-samples", "8", "--seqlen", "64", "--eval-windows", "4", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert "perplexity" in r.stdout and "saved" in r.stdout
+    assert "perplexity" in r.stdout and "saved" in r.stdout and "agreement" in r.stdout
     man = json.loads((out / "prunekit.json").read_text())
+    assert 0 < man["metrics"]["agreement"] < 1
+    assert len(man["generations"]) == 3 and all(g["prompt"] and "dense" in g and "pruned" in g for g in man["generations"])
+    assert man["source"] == str(d.resolve())
     assert man["recipe"]["method"] == "sparsegpt" and man["recipe"]["calibration"]["samples"] == 8
     assert man["metrics"]["perplexity"] > 1 and man["summary"]["target_sparsity"] == pytest.approx(0.5, abs=1e-6)
     m = AutoModelForCausalLM.from_pretrained(out)
     q = m.model.layers[0].self_attn.q_proj.weight
     assert ((q == 0).view(q.shape[0], -1, 4).sum(-1) == 2).all()
 
-    r = run("eval", str(out), "--text", str(text), "--seqlen", "64", "--windows", "4", "--json")
+    r = run("eval", str(out), "--text", str(text), "--seqlen", "64", "--windows", "4", "--reference", str(d), "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
+    assert res["agreement"] == pytest.approx(man["metrics"]["agreement"], abs=1e-6)
     assert res["perplexity"] == pytest.approx(man["metrics"]["perplexity"], rel=1e-4)
     assert res["recipe"]["pattern"] == "2:4"
 
@@ -64,6 +68,12 @@ def test_recipe_file_and_flag_override(tiny_dir, tmp_path):
         (["--calib", "nosuchtext"], "Unknown text"),
         (["--exclude", "*"], "No layer is left"),
         (["--recipe", "missing.yaml"], "does not exist"),
+        (["--allocation", "owl", "--pattern", "2:4"], "needs pattern 'unstructured'"),
+        (["--allocation", "list", "--per-layer", "0.5,0.5,0.5"], "has 3 sparsities but the model has 2 layers"),
+        (["--allocation", "global", "--min-density", "0.6"], "above the target density"),
+        (["--allocation", "owl", "--owl-lambda", "0.7"], "lambda"),
+        (["--calib-mode", "twice"], "calibration.mode"),
+        (["--method", "gblm", "--gblm-alpha", "-1"], "gblm_alpha"),
     ],
 )
 def test_bad_input_exit_2_nothing_written(tiny_dir, tmp_path, args, phrase):

@@ -15,9 +15,9 @@ def test_smallest_k_exact_with_ties():
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
 def test_per_row_and_per_layer_counts(sparsity):
     s = torch.randn(7, 40).round()  # many ties
-    r = per_row(s, sparsity)
+    r = per_row(s, int(40 * sparsity) * 7)
     assert (r.sum(1) == int(40 * sparsity)).all()
-    layer = per_layer(s, sparsity)
+    layer = per_layer(s, int(s.numel() * sparsity))
     assert int(layer.sum()) == int(s.numel() * sparsity)
     # the pruned entries are the lowest ones of each row
     for i in range(7):
@@ -33,6 +33,20 @@ def test_n_of_m_exact(n, m):
     assert (groups.sum(-1) == n).all()
     sg = s.view(5, -1, m)
     assert (sg.masked_fill(~groups, -1e9).amax(-1) <= sg.masked_fill(groups, 1e9).amin(-1)).all()
+
+
+def test_per_row_spreads_a_remainder():
+    s = torch.randn(4, 10)
+    r = per_row(s, 4 * 3 + 2)  # 14 over 4 rows: two rows lose 4, two rows lose 3
+    assert r.sum(1).tolist() == [4, 4, 3, 3]
+
+
+def test_split_count_exact():
+    from prunekit.masks import split_count
+
+    assert split_count(10, [5, 5, 5]) in ([4, 3, 3], [3, 4, 3], [3, 3, 4])
+    assert sum(split_count(12345, [100, 5000, 7000, 300])) == 12345
+    assert split_count(5, [2, 2]) == [2, 2]  # never above a part's size
 
 
 def test_global_masks_single_threshold():

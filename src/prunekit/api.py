@@ -7,12 +7,12 @@ import time
 import torch
 from torch import nn
 
+from prunekit import allocate
 from prunekit.arch import adapter_for, target_layers
 from prunekit.calibrate import run_sequential
 from prunekit.errors import PruneError
-from prunekit.evaluate import layer_sparsity, perplexity, size_summary
+from prunekit.evaluate import agreement, greedy, layer_sparsity, perplexity, prompts_from, score_windows, size_summary
 from prunekit.linear import in_features, weight_matrix
-from prunekit.masks import global_masks
 from prunekit.methods import get_method
 from prunekit.recipe import Recipe
 from prunekit.report import Report
@@ -21,6 +21,8 @@ from prunekit.report import Report
 def _method_for(recipe: Recipe):
     if recipe.method == "sparsegpt":
         return get_method("sparsegpt", blocksize=recipe.blocksize, dampening=recipe.dampening)
+    if recipe.method == "gblm":
+        return get_method("gblm", alpha=recipe.gblm_alpha)
     return get_method(recipe.method)
 
 
@@ -39,6 +41,52 @@ def _check_targets(per_block: list[list[tuple[str, nn.Module]]], recipe: Recipe)
     return flat
 
 
+def _dense_importance(model, adapter, per_block, method, batches, recipe, device, progress) -> dict[str, torch.Tensor]:
+    """The criterion's importance of every target weight, from the dense model (one forward pass)."""
+    if method.statistic is None:
+        return {name: method.importance(weight_matrix(m), None, name) for block in per_block for name, m in block}
+    out: dict[str, torch.Tensor] = {}
+
+    def record(_bi, group, stat):
+        for name, m in group:
+            out[name] = method.importance(weight_matrix(m), stat, name)
+
+    run_sequential(
+        model, adapter.blocks(model), per_block, batches, "sqnorm", record,
+        batch_size=recipe.calibration.batch_size, device=device, progress=progress,
+        desc="allocation statistics", propagate=False,
+    )
+    return out
+
+
+def _allocate(recipe, model, adapter, per_block, flat, method, batches, device, progress) -> dict[str, int] | None:
+    """Exact number of weights each target layer loses (None for N:M)."""
+    if recipe.nm is not None:
+        return None
+    names = [n for n, _ in flat]
+    numels = [weight_matrix(m).numel() for _, m in flat]
+    block_of = [bi for bi, block in enumerate(per_block) for _ in block]
+    a, s = recipe.allocation, recipe.sparsity
+    if a.kind == "uniform":
+        counts = allocate.uniform(numels, s)
+    elif a.kind == "list":
+        counts = allocate.per_block(numels, block_of, a.per_layer, len(per_block))
+    else:
+        imp = _dense_importance(model, adapter, per_block, method, batches, recipe, device, progress)
+        if a.kind == "global":
+            counts = allocate.global_threshold([imp[n] for n in names], s, a.min_density)
+        else:
+            block_imp = [torch.cat([imp[n].flatten() for n, _ in block]) for block in per_block if block]
+            with_layers = [bi for bi, block in enumerate(per_block) if block]
+            owl = allocate.owl_block_sparsity(block_imp, s, a.owl_m, a.owl_lambda)
+            block_s = [s] * len(per_block)
+            for bi, v in zip(with_layers, owl):
+                block_s[bi] = v
+            counts = allocate.from_block_sparsity(numels, block_of, block_s, s)
+        del imp
+    return dict(zip(names, counts))
+
+
 def prune(
     model: nn.Module,
     recipe: Recipe | dict | None = None,
@@ -50,7 +98,7 @@ def prune(
     """Prune ``model`` in place as ``recipe`` says and return it with a :class:`Report`.
 
     ``calibration_batches``: int64 token ids ``[samples, seqlen]``, needed by data-driven methods (wanda,
-    sparsegpt); see :func:`prunekit.batches.calibration_batches`.
+    sparsegpt, gblm); see :func:`prunekit.batches.calibration_batches`.
     """
     if recipe is None:
         recipe = Recipe()
@@ -60,26 +108,38 @@ def prune(
     per_block = target_layers(model, adapter, recipe.exclude)
     flat = _check_targets(per_block, recipe)
     method = _method_for(recipe)
-
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    if method.statistic is None:
-        with torch.no_grad():
-            if recipe.scope == "global":
-                mats = [weight_matrix(m) for _, m in flat]
-                for w, mask in zip(mats, global_masks([w.abs() for w in mats], recipe.sparsity)):
-                    w.masked_fill_(mask, 0.0)
-            else:
-                for _, m in flat:
-                    method.prune_group([weight_matrix(m)], None, recipe.sparsity, recipe.nm)
-    else:
+    if recipe.allocation.kind == "list" and recipe.allocation.per_layer is not None:
+        allocate.per_block([1] * len(per_block), list(range(len(per_block))), recipe.allocation.per_layer, len(per_block))
+    if method.statistic is not None:
         if calibration_batches is None:
             raise PruneError(f"Method {recipe.method} needs calibration data; pass calibration_batches (token ids).")
         if not (isinstance(calibration_batches, torch.Tensor) and calibration_batches.dim() == 2):
             raise PruneError("calibration_batches must be a 2-D tensor of token ids [samples, seqlen].")
 
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+    t0 = time.perf_counter()
+    method.prepare(model, calibration_batches, flat, progress)
+    if time.perf_counter() - t0 > 1e-3:
+        times["prepare_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    counts = _allocate(recipe, model, adapter, per_block, flat, method, calibration_batches, device, progress)
+    if recipe.allocation.kind != "uniform":
+        times["allocate_s"] = time.perf_counter() - t0
+
+    def count_list(group):
+        return None if counts is None else [counts[n] for n, _ in group]
+
+    if method.statistic is None:
+        with torch.no_grad():
+            for name, m in flat:
+                method.prune_group([weight_matrix(m)], None, count_list([(name, m)]), recipe.nm, [name])
+    else:
+
         def on_group(_bi, group, stat):
-            method.prune_group([weight_matrix(m) for _, m in group], stat, recipe.sparsity, recipe.nm)
+            method.prune_group(
+                [weight_matrix(m) for _, m in group], stat, count_list(group), recipe.nm, [n for n, _ in group]
+            )
 
         phase = run_sequential(
             model,
@@ -92,16 +152,17 @@ def prune(
             device=device,
             progress=progress,
             desc=f"{recipe.method} {recipe.pattern}",
+            propagate=recipe.calibration.mode == "sequential",
         )
         times.update({f"prune_{k}": v for k, v in phase.items()})
-    times["prune_s"] = time.perf_counter() - t0
+    times["prune_s"] = time.perf_counter() - t_all
 
-    report = Report(
-        recipe=recipe.model_dump(),
-        layers=layer_sparsity(flat),
-        summary=size_summary(model, flat),
-        times=times,
-    )
+    layers = layer_sparsity(flat)
+    report = Report(recipe=recipe.model_dump(), layers=layers, summary=size_summary(model, flat), times=times)
+    report.summary["block_sparsity"] = [
+        sum(layers[n]["zeros"] for n, _ in block) / max(1, sum(layers[n]["params"] for n, _ in block))
+        for block in per_block
+    ]
     return model, report
 
 
@@ -116,3 +177,23 @@ def evaluate(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progr
         "params": s["params"],
         "nonzeros": s["nonzeros"],
     }
+
+
+def reference(model: nn.Module, tokenizer, windows: torch.Tensor, generations: int = 3, new_tokens: int = 24) -> dict:
+    """What the dense model does on ``windows``: perplexity, top-1 predictions, a few greedy generations."""
+    ppl, preds = score_windows(model, windows)
+    prompts = prompts_from(windows, generations) if generations else []
+    return {"perplexity": ppl, "predictions": preds, "prompts": prompts,
+            "texts": greedy(model, tokenizer, prompts, new_tokens) if prompts else [], "new_tokens": new_tokens}
+
+
+def compare(model: nn.Module, tokenizer, windows: torch.Tensor, ref: dict) -> tuple[dict, list[dict]]:
+    """Perplexity of ``model``, its top-1 agreement with the reference, and the generations side by side."""
+    ppl, preds = score_windows(model, windows)
+    metrics = {"perplexity_dense": ref["perplexity"], "perplexity": ppl, "agreement": agreement(ref["predictions"], preds)}
+    texts = greedy(model, tokenizer, ref["prompts"], ref["new_tokens"]) if ref["prompts"] else []
+    gens = [
+        {"prompt": tokenizer.decode(p, skip_special_tokens=True), "dense": d, "pruned": t}
+        for p, d, t in zip(ref["prompts"], ref["texts"], texts)
+    ]
+    return metrics, gens

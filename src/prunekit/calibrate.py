@@ -100,8 +100,12 @@ def run_sequential(
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "pruning",
+    propagate: bool = True,
 ) -> dict[str, float]:
     """Run the engine; ``on_group(block_index, [(name, module), ...], statistic_tensor)`` prunes one group.
+
+    ``propagate=False`` is the one-pass mode: every block sees the dense model's activations (one forward
+    pass per block instead of two), and ``on_group`` may also just record statistics.
 
     Returns wall seconds spent in forward passes (``forward_s``) and in ``on_group`` (``solve_s``).
     """
@@ -148,7 +152,7 @@ def run_sequential(
                 if members[gid][0][0] == name:
                     collectors[gid].add(x.detach().to("cpu") if device.type != "cpu" else x.detach())
                 seen_in_chunk.add(name)
-                if len(seen_in_chunk) == n_targets:
+                if propagate and len(seen_in_chunk) == n_targets:
                     # every target has its input: the rest of this pass (the last layer itself included)
                     # computes outputs nobody reads, so stop here
                     raise _StopForward
@@ -158,9 +162,12 @@ def run_sequential(
         handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in targets[bi]]
         t0 = time.perf_counter()
         try:
+            dense_out = []
             for i in range(len(inputs.hidden)):
                 try:
-                    _call_block(block, inputs, i)
+                    out = _call_block(block, inputs, i)
+                    if not propagate:
+                        dense_out.append(out)
                 except _StopForward:
                     pass
                 live.clear()
@@ -177,8 +184,11 @@ def run_sequential(
         times["solve_s"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        for i in range(len(inputs.hidden)):
-            inputs.hidden[i] = _call_block(block, inputs, i)
+        if propagate:
+            for i in range(len(inputs.hidden)):
+                inputs.hidden[i] = _call_block(block, inputs, i)
+        else:
+            inputs.hidden = dense_out
         times["forward_s"] += time.perf_counter() - t0
         if device.type != "cpu":
             blocks[bi].to("cpu")

@@ -45,10 +45,16 @@ def _load_windows(tok, text: str, split: str, seqlen: int, windows: int | None):
 def prune(
     model: Annotated[str, typer.Argument(help="zoo name (smollm2-135m), model directory or hub id")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory (must not exist unless --overwrite)")],
-    method: Annotated[Optional[str], typer.Option(help="magnitude | wanda | sparsegpt")] = None,
+    method: Annotated[Optional[str], typer.Option(help="magnitude | wanda | sparsegpt | gblm")] = None,
     sparsity: Annotated[Optional[float], typer.Option(help="fraction of weights to zero in each layer, [0, 1)")] = None,
     pattern: Annotated[Optional[str], typer.Option(help="unstructured, or N:M (N zeros in every M), e.g. 2:4")] = None,
-    scope: Annotated[Optional[str], typer.Option(help="magnitude: layer (default) or global threshold")] = None,
+    allocation: Annotated[Optional[str], typer.Option(help="uniform | global | owl | list: how sparsity spreads over layers")] = None,
+    min_density: Annotated[Optional[float], typer.Option(help="global: least fraction of weights each layer keeps")] = None,
+    owl_m: Annotated[Optional[float], typer.Option(help="OWL: outlier threshold, multiple of the mean score")] = None,
+    owl_lambda: Annotated[Optional[float], typer.Option(help="OWL: half-range of the layer sparsities")] = None,
+    per_layer: Annotated[Optional[str], typer.Option(help="list: comma-separated sparsity per decoder layer")] = None,
+    gblm_alpha: Annotated[Optional[float], typer.Option(help="GBLM: weight of the gradient term (0 = Wanda)")] = None,
+    calib_mode: Annotated[Optional[str], typer.Option(help="sequential (default) or one-pass")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="fnmatch pattern of layer names to keep dense; repeatable")] = None,
     calib: Annotated[Optional[str], typer.Option(help="calibration text: shakespeare | pydoc | PATH.txt")] = None,
     calib_samples: Annotated[Optional[int], typer.Option(help="calibration sequences")] = None,
@@ -59,6 +65,7 @@ def prune(
     recipe: Annotated[Optional[Path], typer.Option(help="YAML/JSON recipe; flags given here override its fields")] = None,
     eval_text: Annotated[Optional[str], typer.Option(help="text for before/after perplexity (default: the calibration text's evaluation split); 'none' skips")] = None,
     eval_windows: Annotated[int, typer.Option(help="evaluation windows of --seqlen tokens")] = 16,
+    generations: Annotated[int, typer.Option(help="greedy generations shown dense vs pruned")] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
 ) -> None:
@@ -71,17 +78,29 @@ def prune(
     fields: dict = {}
     if recipe is not None:
         fields = Recipe.from_file(recipe).model_dump(exclude_unset=True)
-    flags = {"method": method, "sparsity": sparsity, "pattern": pattern, "scope": scope, "blocksize": blocksize, "dampening": dampening}
+    flags = {"method": method, "sparsity": sparsity, "pattern": pattern, "blocksize": blocksize, "dampening": dampening, "gblm_alpha": gblm_alpha}
     fields.update({k: v for k, v in flags.items() if v is not None})
+    alloc = dict(fields.get("allocation", {}))
+    layers_list = None
+    if per_layer is not None:
+        try:
+            layers_list = [float(x) for x in per_layer.split(",")]
+        except ValueError:
+            raise PruneError(f"--per-layer must be comma-separated numbers, got {per_layer!r}.") from None
+    alloc.update({k: v for k, v in {"kind": allocation, "min_density": min_density, "owl_m": owl_m, "owl_lambda": owl_lambda, "per_layer": layers_list}.items() if v is not None})
+    if alloc:
+        fields["allocation"] = alloc
     if exclude:
         fields["exclude"] = list(exclude)
     cal = dict(fields.get("calibration", {}))
-    cal.update({k: v for k, v in {"text": calib, "samples": calib_samples, "seqlen": seqlen, "seed": seed}.items() if v is not None})
+    cal.update({k: v for k, v in {"text": calib, "samples": calib_samples, "seqlen": seqlen, "seed": seed, "mode": calib_mode}.items() if v is not None})
     if cal:
         fields["calibration"] = cal
     rec = Recipe.make(**fields)
     if eval_windows <= 0:
         raise PruneError(f"--eval-windows must be positive, got {eval_windows}.")
+    if generations < 0:
+        raise PruneError(f"--generations must be 0 or more, got {generations}.")
     io.check_output(out, overwrite)
 
     t0 = time.perf_counter()
@@ -98,29 +117,32 @@ def prune(
     ev_text = c.text if eval_text is None else eval_text
     windows = None if ev_text == "none" else _load_windows(tok, ev_text, "evaluation", c.seqlen, eval_windows)
 
-    metrics = {}
+    metrics, ref = {}, None
     if windows is not None:
         t0 = time.perf_counter()
-        _say(f"dense perplexity on {ev_text} ({windows.shape[0]} x {windows.shape[1]} tokens) ...")
-        metrics["perplexity_dense"] = api.evaluate(m, windows)["perplexity"]
+        _say(f"dense reference on {ev_text} ({windows.shape[0]} x {windows.shape[1]} tokens, {generations} generations) ...")
+        ref = api.reference(m, tok, windows, generations)
         times["eval_dense_s"] = time.perf_counter() - t0
 
-    _say(f"pruning with {rec.method} ({rec.pattern}, sparsity {rec.sparsity:g}) ...")
+    _say(f"pruning with {rec.method} ({rec.pattern}, sparsity {rec.sparsity:g}, allocation {rec.allocation.kind}) ...")
     m, rep = api.prune(m, rec, batches, device=device)
-    if windows is not None:
+    if ref is not None:
         t0 = time.perf_counter()
-        metrics["perplexity"] = api.evaluate(m, windows)["perplexity"]
+        metrics, rep.generations = api.compare(m, tok, windows, ref)
         times["eval_s"] = time.perf_counter() - t0
     rep.times = {**times, **rep.times}
     rep.metrics = metrics
-    rep.source = model
+    rep.source = str(Path(model).resolve()) if Path(model).is_dir() else model
 
-    manifest = {"source": model, **rep.to_dict()}
+    manifest = rep.to_dict()
     io.save(m, tok, out, manifest, overwrite=overwrite)
     for line in rep.lines():
         print(line)
     if windows is not None:
-        print(f"perplexity  dense {metrics['perplexity_dense']:.2f}  ->  pruned {metrics['perplexity']:.2f}  ({ev_text}, evaluation split)")
+        print(
+            f"perplexity  dense {metrics['perplexity_dense']:.2f}  ->  pruned {metrics['perplexity']:.2f}  "
+            f"(top-1 agreement with dense {metrics['agreement']:.3f}; {ev_text}, evaluation split)"
+        )
     print(f"saved {out}  (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
 
 
@@ -130,6 +152,7 @@ def eval_(
     text: Annotated[str, typer.Option(help="shakespeare | pydoc | PATH.txt (its evaluation split)")] = "shakespeare",
     seqlen: Annotated[int, typer.Option(help="tokens per window")] = 256,
     windows: Annotated[int, typer.Option(help="number of non-overlapping windows (from the start)")] = 64,
+    reference: Annotated[Optional[str], typer.Option(help="dense model to measure top-1 agreement against")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Perplexity of MODEL on the evaluation split of TEXT, with its sparsity and size."""
@@ -143,6 +166,12 @@ def eval_(
     t0 = time.perf_counter()
     res = api.evaluate(m, w, progress=True)
     res["eval_s"] = time.perf_counter() - t0
+    if reference is not None:
+        ref_model, _ = load_model(reference)
+        from prunekit.evaluate import agreement, score_windows
+
+        res["agreement"] = agreement(score_windows(ref_model, w)[1], score_windows(m, w)[1])
+        res["reference"] = reference
     res.update({"text": text, "windows": int(w.shape[0]), "seqlen": seqlen})
     man = io.read_manifest(model) if Path(model).is_dir() else None
     if man:
@@ -152,9 +181,99 @@ def eval_(
         return
     print(f"{model}: perplexity {res['perplexity']:.3f} on {text} ({res['windows']} x {seqlen} tokens)")
     print(f"sparsity of block linear layers {res['sparsity']:.4f}  params {res['params']:,}  non-zeros {res['nonzeros']:,}")
+    if "agreement" in res:
+        print(f"top-1 next-token agreement with {reference}: {res['agreement']:.4f}")
     if man:
         r = man.get("recipe", {})
         print(f"pruned by prunekit: {r.get('method')} {r.get('pattern')} sparsity {r.get('sparsity')}")
+
+
+@app.command()
+def recover(
+    pruned: Annotated[str, typer.Argument(help="pruned model: a prunekit output directory, any model directory, zoo name or hub id")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory (must not exist unless --overwrite)")],
+    method: Annotated[Optional[str], typer.Option(help="perp (norms, biases, masked LoRA) | lora | full | distill")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default 100)")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (default 2e-4; 10% warmup, cosine decay)")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(help="LoRA rank (default 8)")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 16)")] = None,
+    text: Annotated[Optional[str], typer.Option(help="training text, its calibration split: shakespeare | pydoc | PATH.txt")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="training sequences drawn from the text (default 128)")] = None,
+    seqlen: Annotated[Optional[int], typer.Option(help="tokens per sequence, also of the evaluation windows (default 256)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="sequences per step (default 4)")] = None,
+    distill_weight: Annotated[Optional[float], typer.Option(help="distill: weight of the KL term in [0, 1] (default 0.5)")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="distill: softmax temperature (default 1)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed of the sampling, batch order and LoRA init")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="distill: the dense model (default: the source in PRUNED's prunekit.json)")] = None,
+    eval_text: Annotated[Optional[str], typer.Option(help="text for before/after perplexity (default: --text's evaluation split); 'none' skips")] = None,
+    eval_windows: Annotated[int, typer.Option(help="evaluation windows of --seqlen tokens")] = 16,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+) -> None:
+    """Train a pruned model briefly to win back quality; every pruned weight stays exactly zero."""
+    from prunekit import api, io
+    from prunekit.batches import calibration_batches, tokenize
+    from prunekit.train import make_recovery, pruning_masks
+    from prunekit.train import recover as run_recovery
+    from prunekit.zoo import load_model, load_text
+
+    flags = {"method": method, "steps": steps, "lr": lr, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "text": text,
+             "samples": samples, "seqlen": seqlen, "batch_size": batch_size, "distill_weight": distill_weight,
+             "temperature": temperature, "seed": seed}
+    rec = make_recovery(**{k: v for k, v in flags.items() if v is not None})
+    if eval_windows <= 0:
+        raise PruneError(f"--eval-windows must be positive, got {eval_windows}.")
+    io.check_output(out, overwrite)
+    if Path(pruned).is_dir() and out.resolve() == Path(pruned).resolve():
+        raise PruneError("--out is the input directory; write the recovered model to another directory.")
+    manifest = io.read_manifest(pruned) if Path(pruned).is_dir() else None
+    teacher_name = None
+    if rec.method == "distill":
+        teacher_name = teacher or (manifest or {}).get("source")
+        if not teacher_name:
+            raise PruneError("Method distill needs the dense model as teacher; pass --teacher MODEL (the input has no prunekit.json naming its source).")
+    elif teacher is not None:
+        raise PruneError(f"--teacher is only used by --method distill, not {rec.method}; drop --teacher or use --method distill.")
+    train_text = load_text(rec.text, "calibration")  # an unknown text fails here, before any loading
+    ev_text = rec.text if eval_text is None else eval_text
+    if ev_text != "none":
+        load_text(ev_text, "evaluation")
+
+    t0 = time.perf_counter()
+    _say(f"loading {pruned} ...")
+    m, tok = load_model(pruned)
+    pruning_masks(m)  # an unpruned model fails here, before any training
+    t_model = None
+    if teacher_name:
+        _say(f"loading teacher {teacher_name} ...")
+        t_model, _ = load_model(teacher_name)
+    times = {"load_s": time.perf_counter() - t0}
+    batches = calibration_batches(tokenize(tok, train_text), rec.samples, rec.seqlen, rec.seed, what=f"text {rec.text!r}")
+    windows = None if ev_text == "none" else _load_windows(tok, ev_text, "evaluation", rec.seqlen, eval_windows)
+
+    metrics = {}
+    if windows is not None:
+        t0 = time.perf_counter()
+        _say(f"perplexity before recovery on {ev_text} ({windows.shape[0]} x {windows.shape[1]} tokens) ...")
+        metrics["perplexity_before"] = api.evaluate(m, windows)["perplexity"]
+        times["eval_before_s"] = time.perf_counter() - t0
+    _say(f"training: {rec.method}, {rec.steps} steps of {rec.batch_size} x {rec.seqlen} tokens, lr {rec.lr:g} ...")
+    m, stats = run_recovery(m, rec, batches, teacher=t_model, progress=True)
+    del t_model
+    if windows is not None:
+        t0 = time.perf_counter()
+        metrics["perplexity_after"] = api.evaluate(m, windows)["perplexity"]
+        times["eval_after_s"] = time.perf_counter() - t0
+
+    data = {k: v for k, v in (manifest or {}).items() if k != "versions"}
+    data["recovery"] = {"input": pruned, "teacher": teacher_name, "recipe": rec.model_dump(), "stats": stats,
+                        "metrics": {**metrics, "text": ev_text, "windows": 0 if windows is None else int(windows.shape[0])},
+                        "times": times}
+    io.save(m, tok, out, data, overwrite=overwrite)
+    print(f"recovery {rec.method}: {stats['steps']} steps in {stats['seconds']:.1f}s, {stats['trainable_params']:,} trainable "
+          f"parameters, training loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f}")
+    if windows is not None:
+        print(f"perplexity  pruned {metrics['perplexity_before']:.2f}  ->  recovered {metrics['perplexity_after']:.2f}  ({ev_text}, evaluation split)")
+    print(f"saved {out}  (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
 
 
 def main() -> None:

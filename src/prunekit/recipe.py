@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from prunekit.errors import PruneError
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -39,6 +39,11 @@ class Calibration(BaseModel):
     seqlen: int = Field(256, description="tokens per calibration sequence")
     seed: int = 0
     batch_size: int = Field(8, description="sequences per forward pass")
+    mode: Literal["sequential", "one-pass"] = Field(
+        "sequential",
+        description="sequential: each block sees the pruned outputs of the blocks before it; one-pass: statistics "
+        "from the dense model only (one forward pass, faster, usually a little worse)",
+    )
 
     @field_validator("samples", "seqlen", "batch_size")
     @classmethod
@@ -48,21 +53,91 @@ class Calibration(BaseModel):
         return v
 
 
+class Allocation(BaseModel):
+    """How the sparsity is spread over layers (see prunekit.allocate)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["uniform", "global", "owl", "list"] = "uniform"
+    min_density: float = Field(0.0, description="global: the least fraction of weights any layer keeps")
+    owl_m: float = Field(5.0, description="OWL: a score is an outlier above M x its block's mean score")
+    owl_lambda: float = Field(0.08, description="OWL: block sparsities span [s - lambda, s + lambda]")
+    per_layer: list[float] | None = Field(None, description="list: one sparsity per decoder layer")
+
+    @field_validator("min_density")
+    @classmethod
+    def _density(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be in [0, 1], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _list_given(self) -> Allocation:
+        if self.kind == "list" and not self.per_layer:
+            raise ValueError("kind 'list' needs per_layer: one sparsity per decoder layer")
+        if self.kind != "list" and self.per_layer:
+            raise ValueError("per_layer is only used with kind 'list'")
+        return self
+
+
+class Recovery(BaseModel):
+    """Training after pruning that keeps every pruned weight at exactly zero.
+
+    perp: train norm weights, biases and LoRA adapters (merged into the weights, mask re-applied);
+    lora: LoRA adapters only; full: every weight, masks enforced after each step;
+    distill: like perp, with loss = (1 - distill_weight) * LM loss + distill_weight * KL(dense || pruned).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["perp", "lora", "full", "distill"] = "perp"
+    steps: int = 100
+    lr: float = 2e-4
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    text: str = "shakespeare"
+    samples: int = 128
+    seqlen: int = 256
+    batch_size: int = 4
+    distill_weight: float = 0.5
+    temperature: float = 1.0
+    seed: int = 0
+
+    @field_validator("steps", "lora_rank", "samples", "seqlen", "batch_size")
+    @classmethod
+    def _positive_int(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"must be a positive integer, got {v}")
+        return v
+
+    @field_validator("lr", "temperature", "lora_alpha")
+    @classmethod
+    def _positive_float(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be positive, got {v}")
+        return v
+
+    @field_validator("distill_weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be in [0, 1], got {v}")
+        return v
+
+
 class Recipe(BaseModel):
     """One pruning run. ``sparsity`` is the fraction of weights set to zero in each target layer."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    method: Literal["magnitude", "wanda", "sparsegpt", "gblm"] = "wanda"
     sparsity: float = 0.5
     pattern: str = "unstructured"
-    scope: Literal["layer", "global"] = Field(
-        "layer", description="magnitude only: one threshold per layer, or one threshold over all target layers"
-    )
+    allocation: Allocation = Field(default_factory=Allocation)
     exclude: list[str] = Field(default_factory=list, description="fnmatch patterns of module names left dense")
     calibration: Calibration = Field(default_factory=Calibration)
     blocksize: int = Field(128, description="SparseGPT: columns per lazy-update block")
     dampening: float = Field(0.01, description="SparseGPT: fraction of the mean Hessian diagonal added to it")
+    gblm_alpha: float = Field(100.0, description="GBLM: weight of the gradient term (0 gives Wanda)")
+    recovery: Recovery | None = Field(None, description="optional training after pruning (masks kept)")
 
     @field_validator("sparsity")
     @classmethod
@@ -101,10 +176,12 @@ class Recipe(BaseModel):
                     f"pattern {self.pattern} means sparsity {implied:g}; leave sparsity out or set it to {implied:g}"
                 )
             self.sparsity = implied
-        if self.scope == "global" and self.method != "magnitude":
-            raise ValueError("scope 'global' is only defined for method 'magnitude'")
-        if self.scope == "global" and nm is not None:
-            raise ValueError("scope 'global' needs pattern 'unstructured' (N:M is per group by definition)")
+        if self.allocation.kind != "uniform" and nm is not None:
+            raise ValueError(
+                f"allocation '{self.allocation.kind}' needs pattern 'unstructured' (N:M fixes every layer at N/M)"
+            )
+        if self.gblm_alpha < 0:
+            raise ValueError("gblm_alpha must be >= 0")
         return self
 
     @property
@@ -113,7 +190,7 @@ class Recipe(BaseModel):
 
     @property
     def needs_data(self) -> bool:
-        return self.method in ("wanda", "sparsegpt")
+        return self.method in ("wanda", "sparsegpt", "gblm")
 
     # ---- construction that turns validation errors into one-sentence PruneErrors ----
     @classmethod

@@ -13,6 +13,7 @@ class Report:
     times: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     source: str | None = None
+    generations: list[dict] = field(default_factory=list)  # {"prompt", "dense", "pruned"}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -28,4 +29,8 @@ class Report:
             out.append("time  " + "  ".join(f"{k} {v:.1f}s" for k, v in self.times.items()))
         if self.metrics:
             out.append("metrics  " + "  ".join(f"{k} {v:.3f}" for k, v in self.metrics.items()))
+        for g in self.generations:
+            out.append(f"prompt  {g['prompt']!r}")
+            out.append(f"  dense   {g['dense']!r}")
+            out.append(f"  pruned  {g['pruned']!r}")
         return out

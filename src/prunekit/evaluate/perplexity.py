@@ -1,7 +1,8 @@
 """Perplexity over fixed, non-overlapping windows: exp(mean next-token negative log-likelihood).
 
 Every window is scored on its own (no context carried across windows); the first token of each window
-is only context. The same function scores every model in a comparison.
+is only context. The same function scores every model in a comparison. ``score_windows`` also returns
+the model's top-1 next-token predictions, from which agreement with another model is computed.
 """
 
 from __future__ import annotations
@@ -14,18 +15,29 @@ from torch import nn
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = False, device="cpu") -> float:
+def score_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = False, device="cpu"):
+    """``(perplexity, predictions)``; predictions ``[n, seqlen - 1]`` are the argmax next tokens."""
     from tqdm.auto import tqdm
 
     model.eval()
-    nll, count = 0.0, 0
+    nll, count, preds = 0.0, 0, []
     chunks = windows.split(batch_size)
     for chunk in tqdm(chunks, desc="perplexity", unit="batch", disable=not progress, leave=False):
         chunk = chunk.to(device)
-        logits = model(input_ids=chunk, use_cache=False).logits
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1), reduction="sum"
-        )
+        logits = model(input_ids=chunk, use_cache=False).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1), reduction="sum")
         nll += float(loss)
         count += chunk[:, 1:].numel()
-    return math.exp(nll / count)
+        preds.append(logits.argmax(-1).cpu())
+    return math.exp(nll / count), torch.cat(preds)
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = False, device="cpu") -> float:
+    return score_windows(model, windows, batch_size, progress, device)[0]
+
+
+def agreement(predictions_a: torch.Tensor, predictions_b: torch.Tensor) -> float:
+    """Share of positions where two models predict the same next token (top-1)."""
+    if predictions_a.shape != predictions_b.shape:
+        raise ValueError("predictions come from different windows")
+    return float((predictions_a == predictions_b).float().mean())

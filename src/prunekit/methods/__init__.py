@@ -2,11 +2,12 @@
 
 from prunekit.errors import PruneError
 from prunekit.methods.base import Method
+from prunekit.methods.gblm import GBLM
 from prunekit.methods.magnitude import Magnitude
 from prunekit.methods.sparsegpt import SparseGPT
 from prunekit.methods.wanda import Wanda
 
-REGISTRY: dict[str, type[Method]] = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
+REGISTRY: dict[str, type[Method]] = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT, "gblm": GBLM}
 
 
 def get_method(name: str, **options) -> Method:

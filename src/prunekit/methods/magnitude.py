@@ -1,9 +1,7 @@
-"""Magnitude pruning: remove the smallest |W|, per layer (or, with scope=global, one threshold over all
-target layers, computed by the API since it needs every layer at once)."""
+"""Magnitude pruning: remove the smallest |W| of each layer. With global allocation the counts per layer come
+from one threshold over all target layers (see allocate.py)."""
 
 from __future__ import annotations
-
-import torch
 
 from prunekit.masks import make_mask
 from prunekit.methods.base import Method
@@ -13,11 +11,10 @@ class Magnitude(Method):
     name = "magnitude"
     statistic = None
 
-    def prune_group(self, weights, stat, sparsity, nm):
-        for w in weights:
-            mask = make_mask(w.abs(), sparsity, nm, group="layer")
+    def prune_group(self, weights, stat, counts, nm, names):
+        for i, w in enumerate(weights):
+            mask = make_mask(w.abs(), None if counts is None else counts[i], nm, group="layer")
             w.masked_fill_(mask, 0.0)
 
-    @staticmethod
-    def scores(w: torch.Tensor) -> torch.Tensor:
-        return w.abs()
+    def importance(self, weight, sqnorm, name):
+        return weight.abs()

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from prunekit.masks import n_of_m, per_layer
+from prunekit.masks import n_of_m, per_layer, split_count
 from prunekit.methods.base import Method
 
 
@@ -42,12 +42,15 @@ def inverse_hessian_cholesky(h: torch.Tensor, dampening: float, max_tries: int =
 def sparsegpt_(
     weights: list[torch.Tensor],
     hessian: torch.Tensor,
-    sparsity: float,
+    counts: list[int] | None,
     nm: tuple[int, int] | None,
     blocksize: int = 128,
     dampening: float = 0.01,
 ) -> None:
-    """Prune and update every ``[out, in]`` matrix of ``weights`` in place; they all read the same input."""
+    """Prune and update every ``[out, in]`` matrix of ``weights`` in place; they all read the same input.
+
+    Unstructured: ``counts[i]`` weights leave ``weights[i]``, split exactly over the column blocks.
+    """
     rows = [w.shape[0] for w in weights]
     bounds = torch.tensor([0] + rows).cumsum(0).tolist()
     W = torch.cat([w.float() for w in weights], 0)
@@ -61,11 +64,15 @@ def sparsegpt_(
     W[:, dead] = 0.0
     Hinv, _ = inverse_hessian_cholesky(H, dampening)
     del H
+    starts = list(range(0, cols, blocksize))
+    if nm is None:
+        widths = [min(blocksize, cols - s) for s in starts]
+        per_block = [split_count(c, [r * wd for wd in widths]) for c, r in zip(counts, rows)]
 
     # The per-column sweep is thousands of tiny ops: one thread avoids synchronisation costs that dominate
     # them on a CPU (and collapse under any other load); the big trailing update uses every thread.
     threads = torch.get_num_threads()
-    for i1 in range(0, cols, blocksize):
+    for bi, i1 in enumerate(starts):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
         # work on the transpose: column i of the block is then a contiguous row
@@ -76,8 +83,8 @@ def sparsegpt_(
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
         if nm is None:
             tmp = W1.pow(2) / d.pow(2).unsqueeze(1)
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                mask1[:, a:b] = per_layer(tmp[:, a:b], sparsity)
+            for seg, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+                mask1[:, a:b] = per_layer(tmp[:, a:b], per_block[seg][bi])
             # err_i = w_i * mask_i / d_i, the scale fixed up front for the whole block
             scale = mask1.to(W1.dtype).div_(d.unsqueeze(1))
         else:
@@ -114,5 +121,5 @@ class SparseGPT(Method):
         self.blocksize = blocksize
         self.dampening = dampening
 
-    def prune_group(self, weights, stat, sparsity, nm):
-        sparsegpt_(weights, stat, sparsity, nm, self.blocksize, self.dampening)
+    def prune_group(self, weights, stat, counts, nm, names):
+        sparsegpt_(weights, stat, counts, nm, self.blocksize, self.dampening)

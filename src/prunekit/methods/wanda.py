@@ -20,7 +20,11 @@ class Wanda(Method):
     name = "wanda"
     statistic = "sqnorm"
 
-    def prune_group(self, weights, stat, sparsity, nm):
-        for w in weights:
-            mask = make_mask(wanda_scores(w, stat), sparsity, nm, group="row")
+    def prune_group(self, weights, stat, counts, nm, names):
+        for i, w in enumerate(weights):
+            scores = self.scores(w, stat, names[i])
+            mask = make_mask(scores, None if counts is None else counts[i], nm, group="row")
             w.masked_fill_(mask, 0.0)
+
+    def scores(self, w: torch.Tensor, sqnorm: torch.Tensor, name: str) -> torch.Tensor:
+        return wanda_scores(w, sqnorm)

@@ -1,0 +1,75 @@
+"""GBLM-Pruner (Das et al., 2023): score |W_ij| * (||X_j||_2 + alpha * G_ij), where G_ij is the l2 norm over
+calibration samples of d(LM loss)/d(W_ij). With alpha = 0 it is Wanda.
+
+||X_j||_2 is normalized per sample (sqrt of sum over tokens of x_j^2 / samples), as in the paper's code;
+gradients are computed one sample at a time (forward, backward, accumulate g^2, free the graph), so peak
+memory is one sample's autograd graph plus one float per target weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunekit.linear import weight_matrix
+from prunekit.masks import make_mask
+from prunekit.methods.base import Method
+
+
+def gradient_l2(model: nn.Module, batches: torch.Tensor, targets: list[tuple[str, nn.Module]], progress: bool = False) -> dict[str, torch.Tensor]:
+    """Per target layer, sqrt(sum over samples of grad^2) in the ``[out, in]`` layout."""
+    from tqdm.auto import tqdm
+
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    acc = {name: torch.zeros_like(weight_matrix(m), dtype=torch.float32) for name, m in targets}
+    was_training = model.training
+    model.eval()  # no dropout: the gradient of the deterministic model
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, m in targets:
+            m.weight.requires_grad_(True)
+        for row in tqdm(batches, desc="gblm gradients", unit="sample", disable=not progress, leave=False):
+            ids = row.unsqueeze(0)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            with torch.no_grad():
+                for name, m in targets:
+                    g = m.weight.grad
+                    g = g.t() if g.shape != acc[name].shape else g
+                    acc[name].add_(g.float().pow(2))
+                    m.weight.grad = None
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(saved[id(p)])
+            p.grad = None
+        model.train(was_training)
+    return {name: a.sqrt_() for name, a in acc.items()}
+
+
+class GBLM(Method):
+    name = "gblm"
+    statistic = "sqnorm"
+
+    def __init__(self, alpha: float = 100.0):
+        self.alpha = alpha
+        self.gradients: dict[str, torch.Tensor] = {}
+        self.samples = 1
+
+    def prepare(self, model, batches, targets, progress):
+        self.samples = int(batches.shape[0])
+        self.gradients = gradient_l2(model, batches, targets, progress) if self.alpha != 0 else {}
+
+    def scores(self, w: torch.Tensor, sqnorm: torch.Tensor, name: str) -> torch.Tensor:
+        s = w.abs() * (sqnorm / self.samples).sqrt().to(w.dtype).unsqueeze(0)
+        if self.alpha != 0:
+            s = s + self.alpha * w.abs() * self.gradients[name].to(w.dtype)
+        return s
+
+    def prune_group(self, weights, stat, counts, nm, names):
+        for i, w in enumerate(weights):
+            mask = make_mask(self.scores(w, stat, names[i]), None if counts is None else counts[i], nm, group="row")
+            w.masked_fill_(mask, 0.0)
+
+    def importance(self, weight, sqnorm, name):
+        return self.scores(weight, sqnorm, name)

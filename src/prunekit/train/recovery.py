@@ -1,0 +1,316 @@
+"""Recovery: a short training run after pruning that keeps every pruned weight at exactly zero.
+
+``recover(model, recovery, token_batches) -> (model, stats)`` trains the pruned model in place on token
+windows ``[n, seqlen]`` with next-token cross-entropy. The mask is the set of exact zeros of the target layers
+(every linear layer inside the decoder blocks) when training starts; it holds again when ``recover`` returns.
+
+Methods (``prunekit.recipe.Recovery.method``):
+
+* ``perp``: norm weights, all biases and LoRA adapters on the block linear layers (PERP, Zimmer et al. 2023).
+* ``lora``: LoRA adapters only.
+* ``full``: every weight of the block linear layers, norms and biases; the pruned weights' gradients are
+  zeroed before each AdamW step and the weights re-zeroed after it.
+* ``distill``: like ``perp``, with loss ``(1 - w) * LM + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))``
+  against the dense ``teacher``.
+
+The LoRA adapters are masked while they train (the layer computes with ``W + M * (B @ A) * scaling``, M = 1 where
+the weight is kept; "MaskLoRA" in the PERP paper), so that merging them (peft ``merge_and_unload``) and zeroing the
+pruned weights again gives exactly the model that was trained. Afterwards the model is the same object of the same
+class, with no peft modules left, in eval mode, with its ``requires_grad`` flags as they were. If training stops
+with an exception (Ctrl-C included) the exception propagates and the model is put back as it was before.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from torch import nn
+
+from prunekit.arch import adapter_for, target_layers
+from prunekit.errors import PruneError
+from prunekit.recipe import Recovery, _one_sentence
+
+RECOVERY_METHODS = ("perp", "lora", "full", "distill")
+WARMUP_FRACTION = 0.1  # linear warmup over the first 10% of steps, then cosine decay
+MIN_LR_FACTOR = 0.1  # the cosine ends at 10% of the recipe's lr
+MAX_GRAD_NORM = 1.0
+_ADAPTER = "default"
+
+Mask = tuple[str, nn.Module, torch.Tensor]  # (module name, layer, bool mask in the layout of layer.weight)
+
+
+def make_recovery(**fields) -> Recovery:
+    """``Recovery(**fields)`` whose validation errors are one-sentence :class:`PruneError` s."""
+    try:
+        return Recovery(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "literal_error" and where == "method":
+            raise PruneError(
+                f"Unknown recovery method {err['input']!r}; choose one of: {', '.join(RECOVERY_METHODS)}."
+            ) from None
+        if err["type"] == "extra_forbidden":
+            raise PruneError(
+                f"Unknown recovery field {where!r}; the fields are: {', '.join(Recovery.model_fields)}."
+            ) from None
+        raise PruneError(_one_sentence(e)) from None
+
+
+def pruning_masks(model: nn.Module) -> list[Mask]:
+    """The exact zeros of every block linear layer; PruneError when there are none (an unpruned model)."""
+    adapter = adapter_for(model)
+    flat = [t for block in target_layers(model, adapter) for t in block]
+    masks = [(name, mod, mod.weight.detach() == 0) for name, mod in flat]
+    if not any(bool(m.any()) for _, _, m in masks):
+        raise PruneError(
+            f"This {type(model).__name__} has no pruned weights (no zeros in its block layers); prune it first "
+            "with `prunekit prune` or prunekit.prune() and recover the pruned model."
+        )
+    return masks
+
+
+def _check_tokens(token_batches, model: nn.Module) -> torch.Tensor:
+    if not (isinstance(token_batches, torch.Tensor) and token_batches.dim() == 2):
+        raise PruneError("token_batches must be a 2-D tensor of token ids [samples, seqlen].")
+    if token_batches.dtype.is_floating_point or token_batches.dtype == torch.bool or token_batches.is_complex():
+        raise PruneError(f"token_batches must hold integer token ids, not {token_batches.dtype}.")
+    n, seqlen = token_batches.shape
+    if n == 0 or seqlen < 2:
+        raise PruneError(f"token_batches of shape {tuple(token_batches.shape)} is too small; give at least one sequence of 2 or more tokens.")
+    vocab = model.get_input_embeddings().num_embeddings
+    lo, hi = int(token_batches.min()), int(token_batches.max())
+    if lo < 0 or hi >= vocab:
+        raise PruneError(f"token_batches holds ids in [{lo}, {hi}] but the model's vocabulary has {vocab} tokens; tokenize with the model's own tokenizer.")
+    return token_batches.long()
+
+
+def _check_teacher(rec: Recovery, teacher, model: nn.Module) -> None:
+    if rec.method != "distill":
+        if teacher is not None:
+            raise PruneError(f"A teacher is only used by recovery method 'distill', not {rec.method!r}; drop the teacher or use method 'distill'.")
+        return
+    if teacher is None:
+        raise PruneError("Recovery method 'distill' needs the dense model as teacher; pass teacher= (CLI: --teacher MODEL).")
+    if teacher is model:
+        raise PruneError("The teacher is the model being recovered; pass a separate dense copy as teacher.")
+    vt = getattr(getattr(teacher, "config", None), "vocab_size", None)
+    vm = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vt != vm:
+        raise PruneError(f"The teacher's vocabulary ({vt} tokens) differs from the model's ({vm}); distill from the dense model it was pruned from.")
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return MIN_LR_FACTOR + (1.0 - MIN_LR_FACTOR) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _index_stream(n: int, batch_size: int, gen: torch.Generator):
+    """Mini-batches of row indices that cycle over seeded permutations of ``range(n)``."""
+    buf = torch.empty(0, dtype=torch.long)
+    while True:
+        while buf.numel() < batch_size:
+            buf = torch.cat([buf, torch.randperm(n, generator=gen)])
+        yield buf[:batch_size]
+        buf = buf[batch_size:]
+
+
+def _norm_and_bias_params(model: nn.Module) -> list[nn.Parameter]:
+    out: list[nn.Parameter] = []
+    for mod in model.modules():
+        if "Norm" in type(mod).__name__:
+            out.extend(p for _, p in mod.named_parameters(recurse=False))
+    out.extend(p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias")
+    return out
+
+
+def _masked_lora_forward(self, x, *args, **kwargs):
+    """LoRA layer forward with the adapter's update masked: base layer computed with W + keep * delta."""
+    base = self.base_layer
+    delta = self.get_delta_weight(_ADAPTER).to(base.weight.dtype).masked_fill(self._prunekit_mask, 0.0)
+    return torch.func.functional_call(base, {"weight": base.weight + delta}, (x, *args), kwargs)
+
+
+def _attach_lora(model: nn.Module, masks: list[Mask], rec: Recovery):
+    """Inject peft LoRA adapters into every block linear layer (in place); returns the peft wrapper."""
+    from peft import LoraConfig, get_peft_model
+
+    fan_in_fan_out = any(type(mod).__name__ == "Conv1D" for _, mod, _ in masks)  # GPT-2 stores [in, out]
+    cfg = LoraConfig(
+        r=rec.lora_rank,
+        lora_alpha=rec.lora_alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=[name for name, _, _ in masks],
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    return get_peft_model(model, cfg)
+
+
+def _mask_adapters(model: nn.Module, masks: list[Mask]) -> list[nn.Parameter]:
+    """Make every LoRA layer train its update masked; returns the adapters' parameters."""
+    from peft.tuners.lora import LoraLayer
+
+    by_name = {name: mask for name, _, mask in masks}
+    lora_params: list[nn.Parameter] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer) and name in by_name:
+            mod._prunekit_mask = by_name[name]
+            mod.forward = MethodType(_masked_lora_forward, mod)
+            lora_params.extend(mod.lora_A[_ADAPTER].parameters())
+            lora_params.extend(mod.lora_B[_ADAPTER].parameters())
+    if len(lora_params) != 2 * len(masks):
+        raise PruneError(f"peft placed LoRA adapters on {len(lora_params) // 2} of {len(masks)} block layers; this model's layers are not supported by peft LoRA.")
+    return lora_params
+
+
+def _unique(params) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def recover(
+    model: nn.Module,
+    recovery: Recovery | dict | None,
+    token_batches: torch.Tensor,
+    *,
+    teacher: nn.Module | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict]:
+    """Train the pruned ``model`` in place as ``recovery`` says; every pruned weight stays exactly zero.
+
+    ``token_batches``: int64 token ids ``[n, seqlen]`` (e.g. :func:`prunekit.batches.calibration_batches`),
+    cycled over in seeded mini-batches of ``recovery.batch_size``. ``teacher``: the dense model, needed by
+    method ``distill`` only. Returns ``(model, stats)`` with stats ``steps``, ``loss_first`` / ``loss_last``
+    (mean training loss over the first / last 10% of steps), ``seconds`` and ``trainable_params``.
+    """
+    if isinstance(recovery, Recovery):
+        rec = recovery
+    elif recovery is None or isinstance(recovery, dict):
+        rec = make_recovery(**(recovery or {}))
+    else:
+        raise PruneError(f"recovery must be a Recovery or a dict of its fields, not {type(recovery).__name__}.")
+    ids = _check_tokens(token_batches, model)
+    _check_teacher(rec, teacher, model)
+    masks = pruning_masks(model)
+
+    device = next(model.parameters()).device
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    plain: list[nn.Parameter] = []  # trained parameters that are not LoRA adapters
+    if rec.method != "lora":
+        plain.extend(_norm_and_bias_params(model))
+    if rec.method == "full":
+        plain.extend(mod.weight for _, mod, _ in masks)
+    plain = _unique(plain)
+    saved = [(p, p.detach().clone()) for p in plain]  # put back if training fails or is interrupted
+    teacher_training = teacher.training if teacher is not None else None
+
+    peft_model, ok = None, False
+    stats: dict = {}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        lora_params: list[nn.Parameter] = []
+        if rec.method != "full":
+            with torch.random.fork_rng(devices=[]):  # seeded adapter init; the caller's RNG is left alone
+                torch.manual_seed(rec.seed)
+                peft_model = _attach_lora(model, masks, rec)
+            lora_params = _mask_adapters(model, masks)
+        params = _unique(plain + lora_params)
+        for p in params:
+            p.requires_grad_(True)
+        stats = _train(model, rec, ids, params, masks if rec.method == "full" else None, teacher, device, progress)
+        ok = True
+    finally:
+        if peft_model is not None:
+            if ok:
+                peft_model.merge_and_unload()
+            else:
+                peft_model.unload()
+        with torch.no_grad():
+            if not ok:
+                for p, old in saved:
+                    p.copy_(old)
+            for _, mod, mask in masks:
+                mod.weight.masked_fill_(mask, 0.0)
+        for p, flag in flags:
+            p.grad = None
+            p.requires_grad_(flag)
+        model.eval()
+        if teacher is not None:
+            teacher.train(teacher_training)
+    return model, stats
+
+
+def _train(model, rec: Recovery, ids, params, full_masks, teacher, device, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(params, lr=rec.lr, weight_decay=0.0)
+    warmup = max(1, round(WARMUP_FRACTION * rec.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, rec.steps))
+    batches = _index_stream(ids.shape[0], rec.batch_size, torch.Generator().manual_seed(rec.seed))
+    distill = rec.method == "distill"
+    if distill:
+        teacher.eval()
+        teacher_device = next(teacher.parameters()).device
+    T, w = rec.temperature, rec.distill_weight
+
+    losses: list[float] = []
+    running = None
+    model.train()
+    t0 = time.perf_counter()
+    bar = tqdm(range(rec.steps), desc=f"recover {rec.method}", unit="step", disable=not progress, leave=False)
+    for step in bar:
+        x = ids[next(batches)].to(device)
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+        vocab = logits.shape[-1]
+        loss = F.cross_entropy(logits.reshape(-1, vocab), x[:, 1:].reshape(-1))
+        if distill:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=x.to(teacher_device), use_cache=False).logits[:, :-1].float().to(device)
+            kd = F.kl_div(
+                F.log_softmax(logits / T, dim=-1).reshape(-1, vocab),
+                F.log_softmax(t_logits / T, dim=-1).reshape(-1, vocab),
+                log_target=True,
+                reduction="batchmean",
+            ) * (T * T)
+            loss = (1.0 - w) * loss + w * kd
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise PruneError(f"Recovery diverged (loss {value} at step {step + 1}); lower the learning rate (now {rec.lr:g}).")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if full_masks is not None:  # no gradient, hence no AdamW moment, for a pruned weight
+            for _, mod, mask in full_masks:
+                if mod.weight.grad is not None:
+                    mod.weight.grad.masked_fill_(mask, 0.0)
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        opt.step()
+        sched.step()
+        if full_masks is not None:
+            with torch.no_grad():
+                for _, mod, mask in full_masks:
+                    mod.weight.masked_fill_(mask, 0.0)
+        losses.append(value)
+        running = value if running is None else 0.9 * running + 0.1 * value
+        bar.set_postfix(loss=f"{running:.4f}")
+    bar.close()
+    k = max(1, len(losses) // 10)
+    return {
+        "steps": rec.steps,
+        "loss_first": sum(losses[:k]) / k,
+        "loss_last": sum(losses[-k:]) / k,
+        "seconds": time.perf_counter() - t0,
+        "trainable_params": sum(p.numel() for p in params),
+    }
