@@ -116,3 +116,23 @@ def test_model_without_blocks_is_a_clear_error():
 def test_zoo_lists_assets():
     r = run("zoo")
     assert r.returncode == 0 and "smollm2-135m" in r.stdout and "shakespeare" in r.stdout
+
+
+def test_prune_with_recovery_section(tiny_dir, tmp_path):
+    d, text = tiny_dir
+    rec = tmp_path / "r.yaml"
+    rec.write_text(
+        f"method: wanda\nsparsity: 0.5\ncalibration: {{text: {text}, samples: 8, seqlen: 32}}\n"
+        f"recovery: {{method: perp, steps: 15, lr: 0.005, text: {text}, samples: 16, seqlen: 32, batch_size: 4}}\n"
+    )
+    out = tmp_path / "o"
+    r = run("prune", str(d), "--recipe", str(rec), "--eval-windows", "4", "--generations", "0", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    man = json.loads((out / "prunekit.json").read_text())
+    assert man["recipe"]["recovery"]["steps"] == 15 and man["summary"]["recovery"]["steps"] == 15
+    assert man["metrics"]["perplexity"] < man["metrics"]["perplexity_oneshot"]
+    assert man["summary"]["target_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert abs(float((m.model.layers[1].mlp.up_proj.weight == 0).float().mean()) - 0.5) < 1e-6
+    r = run("prune", str(d), "--calib", str(text), "--recover", "perp", "--recover-steps", "0", "--out", str(tmp_path / "z"))
+    assert r.returncode == 2 and "recovery.steps" in r.stderr and not (tmp_path / "z").exists()

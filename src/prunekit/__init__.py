@@ -8,6 +8,7 @@ from prunekit.errors import PruneError  # noqa: E402
 from prunekit.io import load, save  # noqa: E402
 from prunekit.recipe import Recipe  # noqa: E402
 from prunekit.report import Report  # noqa: E402
+from prunekit.train import recover  # noqa: E402
 from prunekit.zoo import load_model, load_text  # noqa: E402
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "load_model",
     "load_text",
     "prune",
+    "recover",
     "save",
     "tokenize",
 ]

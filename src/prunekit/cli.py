@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -55,6 +56,8 @@ def prune(
     per_layer: Annotated[Optional[str], typer.Option(help="list: comma-separated sparsity per decoder layer")] = None,
     gblm_alpha: Annotated[Optional[float], typer.Option(help="GBLM: weight of the gradient term (0 = Wanda)")] = None,
     calib_mode: Annotated[Optional[str], typer.Option(help="sequential (default) or one-pass")] = None,
+    recover: Annotated[Optional[str], typer.Option("--recover", help="train after pruning: perp | lora | full | distill")] = None,
+    recover_steps: Annotated[Optional[int], typer.Option(help="recovery optimizer steps")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="fnmatch pattern of layer names to keep dense; repeatable")] = None,
     calib: Annotated[Optional[str], typer.Option(help="calibration text: shakespeare | pydoc | PATH.txt")] = None,
     calib_samples: Annotated[Optional[int], typer.Option(help="calibration sequences")] = None,
@@ -96,6 +99,10 @@ def prune(
     cal.update({k: v for k, v in {"text": calib, "samples": calib_samples, "seqlen": seqlen, "seed": seed, "mode": calib_mode}.items() if v is not None})
     if cal:
         fields["calibration"] = cal
+    if recover is not None or recover_steps is not None:
+        rcv = dict(fields.get("recovery") or {})
+        rcv.update({k: v for k, v in {"method": recover, "steps": recover_steps}.items() if v is not None})
+        fields["recovery"] = rcv
     rec = Recipe.make(**fields)
     if eval_windows <= 0:
         raise PruneError(f"--eval-windows must be positive, got {eval_windows}.")
@@ -124,14 +131,28 @@ def prune(
         ref = api.reference(m, tok, windows, generations)
         times["eval_dense_s"] = time.perf_counter() - t0
 
+    teacher = copy.deepcopy(m) if rec.recovery is not None and rec.recovery.method == "distill" else None
     _say(f"pruning with {rec.method} ({rec.pattern}, sparsity {rec.sparsity:g}, allocation {rec.allocation.kind}) ...")
     m, rep = api.prune(m, rec, batches, device=device)
+    if rec.recovery is not None:
+        from prunekit.train import recover as run_recovery
+
+        r = rec.recovery
+        if ref is not None:
+            rep.metrics["perplexity_oneshot"] = api.compare(m, tok, windows, {**ref, "prompts": []})[0]["perplexity"]
+        train = calibration_batches(tokenize(tok, load_text(r.text, "calibration")), r.samples, r.seqlen, r.seed, what=f"text {r.text!r}")
+        _say(f"recovery: {r.method}, {r.steps} steps of {r.batch_size} x {r.seqlen} tokens ...")
+        t0 = time.perf_counter()
+        m, rstats = run_recovery(m, r, train, teacher=teacher, progress=True)
+        times["recovery_s"] = time.perf_counter() - t0
+        rep.summary["recovery"] = rstats
+        del teacher
     if ref is not None:
         t0 = time.perf_counter()
         metrics, rep.generations = api.compare(m, tok, windows, ref)
         times["eval_s"] = time.perf_counter() - t0
     rep.times = {**times, **rep.times}
-    rep.metrics = metrics
+    rep.metrics = {**rep.metrics, **metrics}
     rep.source = str(Path(model).resolve()) if Path(model).is_dir() else model
 
     manifest = rep.to_dict()
@@ -216,69 +237,78 @@ def recover(
     from prunekit.train import recover as run_recovery
     from prunekit.zoo import load_model, load_text
 
-    flags = {"method": method, "steps": steps, "lr": lr, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "text": text,
-             "samples": samples, "seqlen": seqlen, "batch_size": batch_size, "distill_weight": distill_weight,
-             "temperature": temperature, "seed": seed}
-    rec = make_recovery(**{k: v for k, v in flags.items() if v is not None})
-    if eval_windows <= 0:
-        raise PruneError(f"--eval-windows must be positive, got {eval_windows}.")
-    io.check_output(out, overwrite)
-    if Path(pruned).is_dir() and out.resolve() == Path(pruned).resolve():
-        raise PruneError("--out is the input directory; write the recovered model to another directory.")
-    manifest = io.read_manifest(pruned) if Path(pruned).is_dir() else None
-    teacher_name = None
-    if rec.method == "distill":
-        teacher_name = teacher or (manifest or {}).get("source")
-        if not teacher_name:
-            raise PruneError("Method distill needs the dense model as teacher; pass --teacher MODEL (the input has no prunekit.json naming its source).")
-    elif teacher is not None:
-        raise PruneError(f"--teacher is only used by --method distill, not {rec.method}; drop --teacher or use --method distill.")
-    train_text = load_text(rec.text, "calibration")  # an unknown text fails here, before any loading
-    ev_text = rec.text if eval_text is None else eval_text
-    if ev_text != "none":
-        load_text(ev_text, "evaluation")
+    # typer turns Ctrl-C into a returned 130 that `app(standalone_mode=False)` drops; exit 130 here instead
+    try:
+        flags = {"method": method, "steps": steps, "lr": lr, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "text": text,
+                 "samples": samples, "seqlen": seqlen, "batch_size": batch_size, "distill_weight": distill_weight,
+                 "temperature": temperature, "seed": seed}
+        rec = make_recovery(**{k: v for k, v in flags.items() if v is not None})
+        if eval_windows <= 0:
+            raise PruneError(f"--eval-windows must be positive, got {eval_windows}.")
+        io.check_output(out, overwrite)
+        if Path(pruned).is_dir() and out.resolve() == Path(pruned).resolve():
+            raise PruneError("--out is the input directory; write the recovered model to another directory.")
+        manifest = io.read_manifest(pruned) if Path(pruned).is_dir() else None
+        teacher_name = None
+        if rec.method == "distill":
+            teacher_name = teacher or (manifest or {}).get("source")
+            if not teacher_name:
+                raise PruneError("Method distill needs the dense model as teacher; pass --teacher MODEL (the input has no prunekit.json naming its source).")
+        elif teacher is not None:
+            raise PruneError(f"--teacher is only used by --method distill, not {rec.method}; drop --teacher or use --method distill.")
+        train_text = load_text(rec.text, "calibration")  # an unknown text fails here, before any loading
+        ev_text = rec.text if eval_text is None else eval_text
+        if ev_text != "none":
+            load_text(ev_text, "evaluation")
 
-    t0 = time.perf_counter()
-    _say(f"loading {pruned} ...")
-    m, tok = load_model(pruned)
-    pruning_masks(m)  # an unpruned model fails here, before any training
-    t_model = None
-    if teacher_name:
-        _say(f"loading teacher {teacher_name} ...")
-        t_model, _ = load_model(teacher_name)
-    times = {"load_s": time.perf_counter() - t0}
-    batches = calibration_batches(tokenize(tok, train_text), rec.samples, rec.seqlen, rec.seed, what=f"text {rec.text!r}")
-    windows = None if ev_text == "none" else _load_windows(tok, ev_text, "evaluation", rec.seqlen, eval_windows)
-
-    metrics = {}
-    if windows is not None:
         t0 = time.perf_counter()
-        _say(f"perplexity before recovery on {ev_text} ({windows.shape[0]} x {windows.shape[1]} tokens) ...")
-        metrics["perplexity_before"] = api.evaluate(m, windows)["perplexity"]
-        times["eval_before_s"] = time.perf_counter() - t0
-    _say(f"training: {rec.method}, {rec.steps} steps of {rec.batch_size} x {rec.seqlen} tokens, lr {rec.lr:g} ...")
-    m, stats = run_recovery(m, rec, batches, teacher=t_model, progress=True)
-    del t_model
-    if windows is not None:
-        t0 = time.perf_counter()
-        metrics["perplexity_after"] = api.evaluate(m, windows)["perplexity"]
-        times["eval_after_s"] = time.perf_counter() - t0
+        _say(f"loading {pruned} ...")
+        m, tok = load_model(pruned)
+        pruning_masks(m)  # an unpruned model fails here, before any training
+        t_model = None
+        if teacher_name:
+            _say(f"loading teacher {teacher_name} ...")
+            t_model, _ = load_model(teacher_name)
+        times = {"load_s": time.perf_counter() - t0}
+        batches = calibration_batches(tokenize(tok, train_text), rec.samples, rec.seqlen, rec.seed, what=f"text {rec.text!r}")
+        windows = None if ev_text == "none" else _load_windows(tok, ev_text, "evaluation", rec.seqlen, eval_windows)
 
-    data = {k: v for k, v in (manifest or {}).items() if k != "versions"}
-    data["recovery"] = {"input": pruned, "teacher": teacher_name, "recipe": rec.model_dump(), "stats": stats,
-                        "metrics": {**metrics, "text": ev_text, "windows": 0 if windows is None else int(windows.shape[0])},
-                        "times": times}
-    io.save(m, tok, out, data, overwrite=overwrite)
-    print(f"recovery {rec.method}: {stats['steps']} steps in {stats['seconds']:.1f}s, {stats['trainable_params']:,} trainable "
-          f"parameters, training loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f}")
-    if windows is not None:
-        print(f"perplexity  pruned {metrics['perplexity_before']:.2f}  ->  recovered {metrics['perplexity_after']:.2f}  ({ev_text}, evaluation split)")
-    print(f"saved {out}  (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
+        metrics = {}
+        if windows is not None:
+            t0 = time.perf_counter()
+            _say(f"perplexity before recovery on {ev_text} ({windows.shape[0]} x {windows.shape[1]} tokens) ...")
+            metrics["perplexity_before"] = api.evaluate(m, windows)["perplexity"]
+            times["eval_before_s"] = time.perf_counter() - t0
+        _say(f"training: {rec.method}, {rec.steps} steps of {rec.batch_size} x {rec.seqlen} tokens, lr {rec.lr:g} ...")
+        m, stats = run_recovery(m, rec, batches, teacher=t_model, progress=True)
+        del t_model
+        if windows is not None:
+            t0 = time.perf_counter()
+            metrics["perplexity_after"] = api.evaluate(m, windows)["perplexity"]
+            times["eval_after_s"] = time.perf_counter() - t0
+
+        data = {k: v for k, v in (manifest or {}).items() if k != "versions"}
+        data["recovery"] = {"input": pruned, "teacher": teacher_name, "recipe": rec.model_dump(), "stats": stats,
+                            "metrics": {**metrics, "text": ev_text, "windows": 0 if windows is None else int(windows.shape[0])},
+                            "times": times}
+        io.save(m, tok, out, data, overwrite=overwrite)
+        print(f"recovery {rec.method}: {stats['steps']} steps in {stats['seconds']:.1f}s, {stats['trainable_params']:,} trainable "
+              f"parameters, training loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f}")
+        if windows is not None:
+            print(f"perplexity  pruned {metrics['perplexity_before']:.2f}  ->  recovered {metrics['perplexity_after']:.2f}  ({ev_text}, evaluation split)")
+        print(f"saved {out}  (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
+    except KeyboardInterrupt:
+        _say("interrupted; nothing was written")
+        raise SystemExit(130) from None
 
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:  # typer returns 130 for a Ctrl-C it caught
+            if rc == 130:
+                print("interrupted; nothing was written", file=sys.stderr)
+            sys.exit(rc)
     except PruneError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -295,6 +325,7 @@ def main() -> None:
         if type(e).__name__ == "Abort":
             sys.exit(130)
         raise
+
 
 if __name__ == "__main__":
     main()

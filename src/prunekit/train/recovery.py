@@ -304,7 +304,7 @@ def _train(model, rec: Recovery, ids, params, full_masks, teacher, device, progr
                     mod.weight.masked_fill_(mask, 0.0)
         losses.append(value)
         running = value if running is None else 0.9 * running + 0.1 * value
-        bar.set_postfix(loss=f"{running:.4f}")
+        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
     bar.close()
     k = max(1, len(losses) // 10)
     return {
