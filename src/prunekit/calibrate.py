@@ -146,11 +146,11 @@ def run_sequential(
                         gid = len(members)
                         live[id(x)] = (x, gid)
                         members[gid] = []
-                        collectors[gid] = stat_cls(x.shape[-1])
+                        collectors[gid] = stat_cls(x.shape[-1], device=x.device)
                     group_of[name] = gid
                     members[gid].append((name, module))
                 if members[gid][0][0] == name:
-                    collectors[gid].add(x.detach().to("cpu") if device.type != "cpu" else x.detach())
+                    collectors[gid].add(x.detach())
                 seen_in_chunk.add(name)
                 if propagate and len(seen_in_chunk) == n_targets:
                     # every target has its input: the rest of this pass (the last layer itself included)

@@ -10,8 +10,8 @@ import torch
 
 
 class SqNorm:
-    def __init__(self, features: int):
-        self.value = torch.zeros(features, dtype=torch.float32)
+    def __init__(self, features: int, device=None):
+        self.value = torch.zeros(features, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -21,8 +21,8 @@ class SqNorm:
 
 
 class Hessian:
-    def __init__(self, features: int):
-        self.value = torch.zeros(features, features, dtype=torch.float32)
+    def __init__(self, features: int, device=None):
+        self.value = torch.zeros(features, features, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:

@@ -24,7 +24,7 @@ def inverse_hessian_cholesky(h: torch.Tensor, dampening: float, max_tries: int =
     n = h.shape[0]
     mean_diag = torch.diag(h).mean()
     damp = dampening
-    eye = torch.eye(n, dtype=h.dtype)
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
     for _ in range(max_tries):
         # Cholesky of the index-reversed matrix gives H = R R^T with R upper triangular; then
         # H^-1 = (R^-1)^T R^-1 and R^-1 is the upper factor we want: one factorization, one triangular inverse.

@@ -1,0 +1,65 @@
+"""GPU check of the calibration engine's device path (``prunekit.prune(..., device="cuda")``).
+
+A random Llama-style model (GQA) is pruned twice from the same weights: on the CPU and with the blocks moved one
+at a time to the GPU. Prints, per method and pattern: seconds on each, the share of mask entries that agree,
+and the relative difference of the pruned models' logits. Wanda's masks should agree exactly (up to float
+summation order); SparseGPT's choices depend on every earlier update, so float differences between the devices grow
+through the blocks: the check that matters is that both pruned models are equally far from the dense one.
+Needs a CUDA device.
+
+    python benchmarks/device_check.py            # on a GPU machine, with src/ on PYTHONPATH
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import prunekit
+from prunekit.arch import adapter_for, target_layers
+from prunekit.linear import weight_matrix
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "needs a CUDA device"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=4)
+    base = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (32, 512))
+    probe = torch.randint(0, cfg.vocab_size, (2, 128))
+    print(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
+    with torch.no_grad():
+        dense_logits = base(input_ids=probe).logits
+    print(f"{'method':<10} {'pattern':<13} {'cpu s':>7} {'gpu s':>7} {'mask agree':>11} {'cpu vs gpu':>11} "
+          f"{'cpu vs dense':>13} {'gpu vs dense':>13}   (logit differences relative to the first's norm)")
+    for method in ("wanda", "sparsegpt"):
+        for pattern in ("unstructured", "2:4"):
+            cpu, gpu = copy.deepcopy(base), copy.deepcopy(base)
+            t0 = time.perf_counter()
+            prunekit.prune(cpu, {"method": method, "pattern": pattern}, ids, progress=False)
+            t_cpu = time.perf_counter() - t0
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            prunekit.prune(gpu, {"method": method, "pattern": pattern}, ids, device="cuda", progress=False)
+            torch.cuda.synchronize()
+            t_gpu = time.perf_counter() - t0
+            assert all(p.device.type == "cpu" for p in gpu.parameters()), "model not returned to the CPU"
+            agree, total = 0, 0
+            for (_, a), (_, b) in zip(*[[t for blk in target_layers(m, adapter_for(m)) for t in blk] for m in (cpu, gpu)]):
+                ma, mb = weight_matrix(a) == 0, weight_matrix(b) == 0
+                agree += int((ma == mb).sum())
+                total += ma.numel()
+            with torch.no_grad():
+                la, lb = cpu(input_ids=probe).logits, gpu(input_ids=probe).logits
+            rel = float((la - lb).norm() / la.norm())
+            to_dense = [float((x - dense_logits).norm() / dense_logits.norm()) for x in (la, lb)]
+            print(f"{method:<10} {pattern:<13} {t_cpu:7.2f} {t_gpu:7.2f} {agree / total:11.6f} {rel:11.2e} "
+                  f"{to_dense[0]:13.3f} {to_dense[1]:13.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
