@@ -26,5 +26,5 @@ def greedy(model: nn.Module, tokenizer, prompts: list[torch.Tensor], new_tokens:
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
-        out.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+        out.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True, clean_up_tokenization_spaces=False))
     return out
