@@ -97,6 +97,9 @@ def prune(
 ) -> tuple[nn.Module, Report]:
     """Prune ``model`` in place as ``recipe`` says and return it with a :class:`Report`.
 
+    With a ``structure`` section the pruning is structured: heads, MLP channels or layers are removed and the
+    model's tensors shrink (see :mod:`prunekit.structure`).
+
     ``calibration_batches``: int64 token ids ``[samples, seqlen]``, needed by data-driven methods (wanda,
     sparsegpt, gblm); see :func:`prunekit.batches.calibration_batches`.
     """
@@ -104,6 +107,10 @@ def prune(
         recipe = Recipe()
     elif isinstance(recipe, dict):
         recipe = Recipe.make(**recipe)
+    if recipe.structure is not None:  # heads / MLP channels / layers removed for real (prunekit.structure)
+        from prunekit.structure import prune_structured
+
+        return prune_structured(model, recipe, calibration_batches, device=device, progress=progress)
     adapter = adapter_for(model)
     per_block = target_layers(model, adapter, recipe.exclude)
     flat = _check_targets(per_block, recipe)
@@ -193,7 +200,7 @@ def compare(model: nn.Module, tokenizer, windows: torch.Tensor, ref: dict) -> tu
     metrics = {"perplexity_dense": ref["perplexity"], "perplexity": ppl, "agreement": agreement(ref["predictions"], preds)}
     texts = greedy(model, tokenizer, ref["prompts"], ref["new_tokens"]) if ref["prompts"] else []
     gens = [
-        {"prompt": tokenizer.decode(p, skip_special_tokens=True), "dense": d, "pruned": t}
+        {"prompt": tokenizer.decode(p, skip_special_tokens=True, clean_up_tokenization_spaces=False), "dense": d, "pruned": t}
         for p, d, t in zip(ref["prompts"], ref["texts"], texts)
     ]
     return metrics, gens

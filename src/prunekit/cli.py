@@ -71,12 +71,26 @@ def prune(
     generations: Annotated[int, typer.Option(help="greedy generations shown dense vs pruned")] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    structure: Annotated[Optional[str], typer.Option(help="structured: what to remove in width, heads | mlp | heads,mlp (the model shrinks)")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="structured: fraction of heads / MLP channels removed, [0, 1)")] = None,
+    criterion: Annotated[Optional[str], typer.Option(help="structured: fluctuation (FLAP, default) | magnitude | magnitude-l1 | taylor | random")] = None,
+    global_rank: Annotated[bool, typer.Option("--global-rank", help="structured: rank standardized scores over all layers (sizes then differ per layer)")] = False,
+    bias_compensation: Annotated[bool, typer.Option("--bias-compensation", help="structured: add the removed channels' mean output to o_proj/down_proj biases (FLAP)")] = False,
+    gqa: Annotated[Optional[str], typer.Option(help="structured, GQA models: query (one query head in every kv group, default) | kv (whole kv groups)")] = None,
+    remove_layers: Annotated[Optional[int], typer.Option(help="structured: remove this many whole layers, lowest block influence first")] = None,
+    remove_sublayers: Annotated[Optional[int], typer.Option(help="structured: remove this many attention / MLP sublayers")] = None,
+    sublayer_method: Annotated[Optional[str], typer.Option(help="structured: influence (one pass, default) | greedy (FinerCut, slower)")] = None,
 ) -> None:
-    """Prune MODEL and save it to --out (loads with stock transformers)."""
+    """Prune MODEL and save it to --out (loads with stock transformers).
+
+    With --structure / --remove-layers / --remove-sublayers (or a recipe's structure section) whole heads, MLP
+    channels or layers are removed and the saved model is smaller; it says whether stock transformers loads it.
+    """
     from prunekit import api, io
+    from prunekit.arch import adapter_for
     from prunekit.batches import calibration_batches, tokenize
     from prunekit.recipe import Recipe
-    from prunekit.zoo import load_model, load_text
+    from prunekit.zoo import load_text
 
     fields: dict = {}
     if recipe is not None:
@@ -103,6 +117,14 @@ def prune(
         rcv = dict(fields.get("recovery") or {})
         rcv.update({k: v for k, v in {"method": recover, "steps": recover_steps}.items() if v is not None})
         fields["recovery"] = rcv
+    st = dict(fields.get("structure") or {})
+    st_flags = {"kinds": None if structure is None else [k.strip() for k in structure.split(",") if k.strip()],
+                "ratio": ratio, "criterion": criterion, "gqa": gqa, "remove_layers": remove_layers,
+                "remove_sublayers": remove_sublayers, "sublayer_method": sublayer_method,
+                "global_rank": True if global_rank else None, "bias_compensation": True if bias_compensation else None}
+    st.update({k: v for k, v in st_flags.items() if v is not None})
+    if st:
+        fields["structure"] = st
     rec = Recipe.make(**fields)
     if eval_windows <= 0:
         raise PruneError(f"--eval-windows must be positive, got {eval_windows}.")
@@ -112,8 +134,12 @@ def prune(
 
     t0 = time.perf_counter()
     _say(f"loading {model} ...")
-    m, tok = load_model(model)
+    m, tok = io.load_any(model)
     times = {"load_s": time.perf_counter() - t0}
+    if rec.structure is not None:
+        from prunekit.structure.prune import check
+
+        check(adapter_for(m), m, rec.structure)  # an impossible request fails here, before any work
 
     c = rec.calibration
     batches = None
@@ -132,7 +158,10 @@ def prune(
         times["eval_dense_s"] = time.perf_counter() - t0
 
     teacher = copy.deepcopy(m) if rec.recovery is not None and rec.recovery.method == "distill" else None
-    _say(f"pruning with {rec.method} ({rec.pattern}, sparsity {rec.sparsity:g}, allocation {rec.allocation.kind}) ...")
+    if rec.structure is not None:
+        _say(f"structured pruning ({_structure_words(rec.structure)}) ...")
+    else:
+        _say(f"pruning with {rec.method} ({rec.pattern}, sparsity {rec.sparsity:g}, allocation {rec.allocation.kind}) ...")
     m, rep = api.prune(m, rec, batches, device=device)
     if rec.recovery is not None:
         from prunekit.train import recover as run_recovery
@@ -157,14 +186,48 @@ def prune(
 
     manifest = rep.to_dict()
     io.save(m, tok, out, manifest, overwrite=overwrite)
-    for line in rep.lines():
+    if rec.structure is not None:
+        from prunekit.structure import summary_lines
+
+        lines = summary_lines(rep)
+    else:
+        lines = rep.lines()
+    for line in lines:
         print(line)
     if windows is not None:
         print(
             f"perplexity  dense {metrics['perplexity_dense']:.2f}  ->  pruned {metrics['perplexity']:.2f}  "
             f"(top-1 agreement with dense {metrics['agreement']:.3f}; {ev_text}, evaluation split)"
         )
-    print(f"saved {out}  (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
+    if rec.structure is not None and rep.summary.get("format") == "prunekit":
+        print(f"saved {out}  (not a stock {m.config.model_type} config: {rep.summary.get('format_reason')}; per-layer "
+              f"sizes are in config.prunekit_layer_sizes, load with prunekit.load('{out}'), stock transformers refuses it)")
+    elif rec.structure is not None:
+        print(f"saved {out}  (a stock {m.config.model_type} config: {_stock_sizes(m)}; load with "
+              f"transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
+    else:
+        print(f"saved {out}  (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
+
+
+def _structure_words(st) -> str:
+    words = []
+    if st.kinds:
+        words.append(f"{','.join(st.kinds)} ratio {st.ratio:g}, {st.criterion}" + (", global rank" if st.global_rank else "")
+                     + (", bias compensation" if st.bias_compensation else ""))
+    if st.remove_layers:
+        words.append(f"{st.remove_layers} layer(s)")
+    if st.remove_sublayers:
+        words.append(f"{st.remove_sublayers} sublayer(s), {st.sublayer_method}")
+    return "; ".join(words)
+
+
+def _stock_sizes(m) -> str:
+    from prunekit.arch import adapter_for
+
+    c, key = m.config, adapter_for(m).layout.intermediate_key
+    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return (f"{c.num_attention_heads} heads, {kv} kv heads, MLP width {getattr(c, key, None) or 'default'} ({key}), "
+            f"{c.num_hidden_layers} layers")
 
 
 @app.command("eval")

@@ -49,6 +49,10 @@ def save(model, tokenizer, out: str | Path, manifest: dict | None = None, overwr
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        if getattr(getattr(model, "config", None), "prunekit_layer_sizes", None) is not None:
+            from prunekit.structure.saved import mark_config_file
+
+            mark_config_file(tmp)  # per-layer sizes: stock loaders must refuse it, prunekit.load rebuilds it
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         data = {"versions": _versions(), **(manifest or {})}
@@ -72,8 +76,20 @@ def read_manifest(path: str | Path) -> dict | None:
 
 
 def load(path: str | Path):
-    """``(model, tokenizer, manifest)`` from a directory written by :func:`save` (or any HF directory)."""
+    """``(model, tokenizer, manifest)`` from a directory written by :func:`save` (or any HF directory).
+
+    A structured-pruning output whose layers differ in size (``prunekit_layer_sizes`` in its config.json) is
+    rebuilt layer by layer (stock ``from_pretrained`` cannot build it).
+    """
+    model, tok = load_any(path)
+    return model, tok, read_manifest(path)
+
+
+def load_any(name_or_path: str | Path):
+    """``(model, tokenizer)`` like ``zoo.load_model``, and also for per-layer-sized structured outputs."""
+    from prunekit.structure.saved import is_structured_dir, load_structured
     from prunekit.zoo.models import load_model
 
-    model, tok = load_model(str(path))
-    return model, tok, read_manifest(path)
+    if Path(name_or_path).is_dir() and is_structured_dir(name_or_path):
+        return load_structured(name_or_path)
+    return load_model(str(name_or_path))

@@ -123,6 +123,68 @@ class Recovery(BaseModel):
         return v
 
 
+class Structure(BaseModel):
+    """Structured pruning: remove whole heads / MLP channels / layers so the model gets smaller and faster.
+
+    kinds + ratio: width (fraction of removable units of each kind, see prunekit.structure.plan);
+    remove_layers: whole blocks by block influence; remove_sublayers: attention / MLP sublayers.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kinds: list[Literal["heads", "mlp"]] = Field(default_factory=list, description="what to prune in width: heads, mlp")
+    ratio: float = Field(0.0, description="fraction of heads / MLP channels removed, [0, 1)")
+    criterion: Literal["magnitude", "magnitude-l1", "fluctuation", "taylor", "random"] = "fluctuation"
+    global_rank: bool = Field(False, description="rank standardized scores over all layers (FLAP) instead of per layer")
+    bias_compensation: bool = Field(False, description="add the removed channels' mean output to the biases (FLAP)")
+    gqa: Literal["query", "kv"] = Field(
+        "query", description="with GQA: remove one query head in every kv group (query) or whole kv groups (kv)"
+    )
+    remove_layers: int = Field(0, description="whole decoder blocks removed, lowest block influence first")
+    remove_sublayers: int = Field(0, description="attention / MLP sublayers removed")
+    sublayer_method: Literal["influence", "greedy"] = Field(
+        "influence", description="influence: one pass, 1 - cos over each sublayer; greedy: FinerCut, least output change"
+    )
+    seed: int = Field(0, description="seed of the random criterion")
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {v}")
+        return v
+
+    @field_validator("remove_layers", "remove_sublayers")
+    @classmethod
+    def _count(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be 0 or more, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Structure:
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ValueError("kinds lists a kind twice")
+        if self.kinds and self.ratio == 0:
+            raise ValueError(f"pruning {','.join(self.kinds)} needs a ratio in (0, 1)")
+        if self.ratio > 0 and not self.kinds:
+            raise ValueError("ratio needs kinds to prune: heads, mlp or both")
+        if self.bias_compensation and not self.kinds:
+            raise ValueError("bias_compensation needs heads or mlp pruning")
+        if not self.kinds and not self.remove_layers and not self.remove_sublayers:
+            raise ValueError("nothing to remove: give kinds and a ratio, remove_layers or remove_sublayers")
+        if self.remove_layers and self.remove_sublayers:
+            raise ValueError("choose remove_layers or remove_sublayers, not both")
+        return self
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(
+            (self.kinds and (self.criterion in ("fluctuation", "taylor") or self.bias_compensation))
+            or self.remove_layers
+            or self.remove_sublayers
+        )
+
+
 class Recipe(BaseModel):
     """One pruning run. ``sparsity`` is the fraction of weights set to zero in each target layer."""
 
@@ -138,6 +200,7 @@ class Recipe(BaseModel):
     dampening: float = Field(0.01, description="SparseGPT: fraction of the mean Hessian diagonal added to it")
     gblm_alpha: float = Field(100.0, description="GBLM: weight of the gradient term (0 gives Wanda)")
     recovery: Recovery | None = Field(None, description="optional training after pruning (masks kept)")
+    structure: Structure | None = Field(None, description="structured pruning (heads, MLP channels, layers) instead of sparsity")
 
     @field_validator("sparsity")
     @classmethod
@@ -182,6 +245,21 @@ class Recipe(BaseModel):
             )
         if self.gblm_alpha < 0:
             raise ValueError("gblm_alpha must be >= 0")
+        if self.structure is not None:
+            # fields of sparsity pruning given with other values than their defaults (a saved recipe repeats the
+            # defaults, which is fine)
+            defaults = Recipe()
+            mixed = sorted(
+                f for f in ("method", "sparsity", "pattern", "allocation", "exclude")
+                if f in self.model_fields_set and getattr(self, f) != getattr(defaults, f)
+            )
+            if mixed:
+                raise ValueError(
+                    f"a structure section replaces sparsity pruning; drop {', '.join(mixed)} (or prune twice: "
+                    "structured, then unstructured on its output)"
+                )
+            if self.recovery is not None:
+                raise ValueError("recovery (which keeps the zeros of sparsity pruning) is not available after structured pruning yet; drop the recovery section")
         return self
 
     @property
@@ -190,6 +268,8 @@ class Recipe(BaseModel):
 
     @property
     def needs_data(self) -> bool:
+        if self.structure is not None:
+            return self.structure.needs_data
         return self.method in ("wanda", "sparsegpt", "gblm")
 
     # ---- construction that turns validation errors into one-sentence PruneErrors ----

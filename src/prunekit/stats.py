@@ -2,6 +2,8 @@
 
 ``sqnorm``: sum over tokens of x_j^2 per input channel (Wanda's ||X_j||_2^2).
 ``hessian``: sum over tokens of x x^T (SparseGPT's H, up to a constant factor).
+``meanvar``: per input channel, the mean and the (population) variance over tokens, as ``value[0]`` and
+``value[1]`` (FLAP's fluctuation and bias compensation).
 """
 
 from __future__ import annotations
@@ -31,4 +33,26 @@ class Hessian:
         self.tokens += x.shape[0]
 
 
-STATS = {"sqnorm": SqNorm, "hessian": Hessian}
+class MeanVar:
+    """Sums in float64 so that variance = E[x^2] - E[x]^2 does not cancel badly over many tokens."""
+
+    def __init__(self, features: int, device=None):
+        self._sum = torch.zeros(features, dtype=torch.float64, device=device)
+        self._sq = torch.zeros(features, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self._sum += x.sum(0)
+        self._sq += x.pow(2).sum(0)
+        self.tokens += x.shape[0]
+
+    @property
+    def value(self) -> torch.Tensor:
+        n = max(self.tokens, 1)
+        mean = self._sum / n
+        var = (self._sq / n - mean.pow(2)).clamp_min(0)
+        return torch.stack([mean, var]).float()
+
+
+STATS = {"sqnorm": SqNorm, "hessian": Hessian, "meanvar": MeanVar}

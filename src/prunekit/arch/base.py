@@ -17,9 +17,43 @@ from prunekit.linear import is_prunable
 
 
 @dataclass(frozen=True)
+class Layout:
+    """Where one decoder block keeps the parts structured pruning couples, and how its config names their sizes.
+
+    Paths are dotted attribute paths: ``attn``, ``mlp`` and the norms relative to the block; ``q``/``k``/``v``/
+    ``qkv``/``o`` relative to the attention module; ``mlp_in``/``mlp_out`` relative to the MLP module (to the block
+    itself when ``mlp`` is empty, as in OPT).
+    """
+
+    attn: str
+    o: str
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+    attn_norm: str
+    mlp_norm: str
+    mlp: str = ""
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None  # one fused projection whose outputs are [q | k | v] (GPT-2's c_attn)
+    intermediate_key: str = "intermediate_size"  # config field of the MLP width
+    head_dim_key: str | None = "head_dim"  # None: the config derives head_dim = hidden / heads
+    attn_bias_key: str | None = None  # config flag that gives every attention projection a bias
+    mlp_bias_key: str | None = None  # config flag that gives every MLP projection a bias
+    pre_norm_key: str | None = None  # config flag that is False for post-norm blocks (OPT's do_layer_norm_before)
+    layer_index_key: str | None = None  # config flag that makes a block's math depend on its index
+
+
+# attributes that attention / MLP modules of the supported families cache from their config
+_HEAD_ATTRS = ("num_heads", "num_attention_heads")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
+
+
+@dataclass(frozen=True)
 class Adapter:
     family: str
     blocks_path: str  # dotted attribute path from the *ForCausalLM model to its ModuleList of blocks
+    layout: Layout | None = None  # structure of a block; None: structured pruning is not available
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         obj = model
@@ -33,6 +67,95 @@ class Adapter:
         if not isinstance(obj, nn.ModuleList) or len(obj) == 0:
             raise PruneError(f"'{self.blocks_path}' of this model is not a non-empty list of blocks.")
         return obj
+
+    # ---- structure (arch knowledge used by prunekit.structure) ----
+    def require_layout(self, what: str = "structured pruning") -> Layout:
+        if self.layout is None:
+            raise PruneError(
+                f"The {self.family} adapter does not know where this model keeps its attention heads and MLP channels, "
+                f"so {what} is not available; it works for llama, mistral, qwen2, gpt2 and opt models."
+            )
+        return self.layout
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return _get(block, self.require_layout().attn)
+
+    def mlp_parent(self, block: nn.Module) -> nn.Module:
+        lay = self.require_layout()
+        return _get(block, lay.mlp) if lay.mlp else block
+
+    def attn_parts(self, block: nn.Module) -> dict[str, nn.Module]:
+        """The attention projections by role: ``q``, ``k``, ``v`` (or ``qkv``) and ``o``."""
+        lay, attn = self.require_layout(), self.attention(block)
+        roles = {r: getattr(lay, r) for r in ("q", "k", "v", "qkv", "o")}
+        return {r: _get(attn, p) for r, p in roles.items() if p is not None and _has(attn, p)}
+
+    def mlp_parts(self, block: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+        """``([input projections (gate, up) / fc1 / c_fc], output projection)``."""
+        lay, parent = self.require_layout(), self.mlp_parent(block)
+        return [_get(parent, p) for p in lay.mlp_in], _get(parent, lay.mlp_out)
+
+    def attn_name(self, i: int, role: str) -> str:
+        lay = self.require_layout()
+        return f"{self.blocks_path}.{i}.{lay.attn}.{getattr(lay, role)}"
+
+    def mlp_name(self, i: int, part: str) -> str:
+        lay = self.require_layout()
+        return ".".join(x for x in (self.blocks_path, str(i), lay.mlp, part) if x)
+
+    def head_dim(self, model: nn.Module) -> int:
+        cfg = model.config
+        hd = getattr(cfg, "head_dim", None)
+        return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
+
+    def pre_norm(self, model: nn.Module) -> bool:
+        key = self.require_layout().pre_norm_key
+        return True if key is None else bool(getattr(model.config, key, True))
+
+    def set_attention_sizes(self, attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+        """Update the sizes an attention module cached from its config (they drive its reshapes)."""
+        for a in _HEAD_ATTRS:
+            if isinstance(getattr(attn, a, None), int):
+                setattr(attn, a, heads)
+        for a in _KV_ATTRS:
+            if isinstance(getattr(attn, a, None), int):
+                setattr(attn, a, kv_heads)
+        if isinstance(getattr(attn, "num_key_value_groups", None), int):
+            attn.num_key_value_groups = heads // kv_heads
+        if isinstance(getattr(attn, "split_size", None), int):  # GPT-2 splits its fused projection by this
+            attn.split_size = heads * head_dim
+
+    def set_mlp_size(self, block: nn.Module, width: int) -> None:
+        mlp = self.mlp_parent(block)
+        if mlp is not block and isinstance(getattr(mlp, "intermediate_size", None), int):
+            mlp.intermediate_size = width
+
+    def replace(self, block: nn.Module, path: str, module: nn.Module) -> None:
+        parent, _, leaf = path.rpartition(".")
+        setattr(_get(block, parent) if parent else block, leaf, module)
+
+    def set_num_layers(self, model: nn.Module, keep: list[int]) -> None:
+        """Config after keeping only the blocks ``keep`` (old indices, in order)."""
+        cfg = model.config
+        old = cfg.num_hidden_layers
+        cfg.num_hidden_layers = len(keep)
+        types = getattr(cfg, "layer_types", None)
+        if isinstance(types, list) and len(types) == old:
+            cfg.layer_types = [types[i] for i in keep]
+
+
+def _has(obj: nn.Module, path: str) -> bool:
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _get(obj: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 _REGISTRY: dict[str, Adapter] = {}

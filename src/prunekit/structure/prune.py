@@ -1,0 +1,238 @@
+"""Structured pruning of a whole model, as a recipe's ``structure`` section says: depth first (whole blocks or
+sublayers), then width (heads / MLP channels scored, selected, optionally bias-compensated, shrunk), then the
+config is rewritten (stock when it can be, see :mod:`prunekit.structure.saved`)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from prunekit.arch import adapter_for
+from prunekit.arch.base import Adapter, _get
+from prunekit.errors import PruneError
+from prunekit.recipe import Recipe, Structure
+from prunekit.report import Report
+from prunekit.structure import importance as imp
+from prunekit.structure.compensate import compensate, normalize_bias_flags
+from prunekit.structure.layers import greedy_sublayers, influences, lowest_blocks, lowest_sublayers, sublayer_candidates
+from prunekit.structure.plan import build_units, kept_heads, make_plan, removed_params, select
+from prunekit.structure.saved import finalize_config, why_not_stock
+from prunekit.structure.shrink import (
+    attention_removed,
+    block_heads,
+    block_width,
+    count_params,
+    layer_sizes,
+    mlp_removed,
+    remove_attention,
+    remove_blocks,
+    remove_mlp,
+    shrink_heads,
+    shrink_mlp,
+)
+
+
+def _unique_params(modules: list[nn.Module]) -> int:
+    seen, n = set(), 0
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+    return n
+
+
+def scores_for(adapter: Adapter, model: nn.Module, st: Structure, batches, stats, batch_size: int, progress: bool):
+    if st.criterion == "magnitude":
+        return imp.magnitude(adapter, model, p=2)
+    if st.criterion == "magnitude-l1":
+        return imp.magnitude(adapter, model, p=1)
+    if st.criterion == "random":
+        return imp.random_scores(adapter, model, st.seed)
+    if st.criterion == "fluctuation":
+        return imp.fluctuation(adapter, model, stats)
+    modules = []
+    for block in adapter.blocks(model):
+        if not attention_removed(adapter, block):
+            modules += list(adapter.attn_parts(block).values())
+        if not mlp_removed(adapter, block):
+            ins, o = adapter.mlp_parts(block)
+            modules += [*ins, o]
+    grads = imp.gradient_sums(model, batches, modules, batch_size, progress)
+    return imp.taylor(adapter, model, grads)
+
+
+def _zero_scores(adapter: Adapter, model: nn.Module) -> list[imp.LayerScores]:
+    out = []
+    for block in adapter.blocks(model):
+        h, k = block_heads(adapter, model, block)
+        w = block_width(adapter, block)
+        out.append(imp.LayerScores(torch.zeros(h) if h else None, torch.zeros(k) if h else None, torch.zeros(w) if w else None))
+    return out
+
+
+def check(adapter: Adapter, model: nn.Module, st: Structure) -> None:
+    """Everything about the request that can be wrong, checked before any work."""
+    adapter.require_layout()
+    n = len(adapter.blocks(model))
+    if st.remove_layers >= n:
+        raise PruneError(f"--remove-layers {st.remove_layers} is not less than the model's {n} layers; remove fewer layers.")
+    if st.remove_layers:
+        lay = adapter.layout
+        if lay.layer_index_key and getattr(model.config, lay.layer_index_key, False):
+            raise PruneError(f"This model sets {lay.layer_index_key}, so its blocks depend on their position; layers cannot be removed.")
+    if st.remove_sublayers:
+        cands = sublayer_candidates(adapter, model)
+        if st.remove_sublayers >= len(cands):
+            raise PruneError(
+                f"--remove-sublayers {st.remove_sublayers} is not less than the model's {len(cands)} attention and MLP "
+                "sublayers; remove fewer."
+            )
+        if not adapter.pre_norm(model):
+            raise PruneError(f"This {adapter.family} model is post-norm, so single sublayers cannot be removed; use --remove-layers.")
+    if st.kinds:
+        zeros = _zero_scores(adapter, model)
+        for kind in st.kinds:
+            select(build_units(adapter, model, zeros, kind, "random", st.gqa), st.ratio, st.global_rank, kind)
+
+
+def prune_structured(
+    model: nn.Module, recipe: Recipe, calibration_batches: torch.Tensor | None = None, *, device: str = "cpu", progress: bool = True
+) -> tuple[nn.Module, Report]:
+    st = recipe.structure
+    adapter = adapter_for(model)
+    check(adapter, model, st)
+    if st.needs_data:
+        if calibration_batches is None:
+            raise PruneError("This structured pruning needs calibration data; pass calibration_batches (token ids).")
+        if not (isinstance(calibration_batches, torch.Tensor) and calibration_batches.dim() == 2):
+            raise PruneError("calibration_batches must be a 2-D tensor of token ids [samples, seqlen].")
+    bs = recipe.calibration.batch_size
+    lay = adapter.layout
+    before = count_params(model)
+    expected = before
+    summary: dict = {"params_before": before}
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    # ---- depth
+    if st.remove_layers:
+        t0 = time.perf_counter()
+        inf = influences(adapter, model, calibration_batches, bs, device, progress)
+        drop = lowest_blocks(inf["block"], st.remove_layers)
+        blocks = adapter.blocks(model)
+        expected -= _unique_params([blocks[i] for i in drop])
+        remove_blocks(adapter, model, drop)
+        summary.update(removed_layers=drop, block_influence=inf["block"])
+        times["layers_s"] = time.perf_counter() - t0
+    if st.remove_sublayers:
+        t0 = time.perf_counter()
+        if st.sublayer_method == "greedy":
+            chosen = greedy_sublayers(adapter, model, calibration_batches, st.remove_sublayers, bs, progress=progress)
+        else:
+            inf = influences(adapter, model, calibration_batches, bs, device, progress, sublayers=True)
+            chosen = lowest_sublayers(inf, sublayer_candidates(adapter, model), st.remove_sublayers)
+            summary["sublayer_influence"] = {"attn": inf["attn"], "mlp": inf["mlp"]}
+        blocks = adapter.blocks(model)
+        for i, kind in chosen:
+            block = blocks[i]
+            if kind == "attn":
+                expected -= _unique_params([adapter.attention(block), _get(block, lay.attn_norm)])
+                remove_attention(adapter, model, i)
+            else:
+                parts = [adapter.mlp_parent(block)] if lay.mlp else [_get(block, p) for p in (*lay.mlp_in, lay.mlp_out)]
+                expected -= _unique_params([*parts, _get(block, lay.mlp_norm)])
+                remove_mlp(adapter, model, i)
+        empty = [i for i, b in enumerate(blocks) if attention_removed(adapter, b) and mlp_removed(adapter, b)]
+        expected -= _unique_params([blocks[i] for i in empty])
+        remove_blocks(adapter, model, empty)
+        summary.update(removed_sublayers=[f"{i}.{k}" for i, k in sorted(chosen)], removed_layers=empty)
+        times["sublayers_s"] = time.perf_counter() - t0
+
+    # ---- width
+    if st.kinds:
+        t0 = time.perf_counter()
+        check(adapter, model, Structure(kinds=st.kinds, ratio=st.ratio, gqa=st.gqa, global_rank=st.global_rank))
+        stats = None
+        if st.criterion == "fluctuation" or st.bias_compensation:
+            stats = imp.collect_meanvar(adapter, model, calibration_batches, bs, device, progress)
+        scores = scores_for(adapter, model, st, calibration_batches, stats, bs, progress)
+        units = {k: build_units(adapter, model, scores, k, st.criterion, st.gqa) for k in st.kinds}
+        removed = {k: select(units[k], st.ratio, st.global_rank, k) for k in st.kinds}
+        plan = make_plan(adapter, model, units, removed)
+        expected -= removed_params(adapter, model, plan)
+        times["score_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        heads_before = sum(block_heads(adapter, model, b)[0] for b in adapter.blocks(model))
+        width_before = sum(block_width(adapter, b) for b in adapter.blocks(model))
+        if st.bias_compensation:
+            expected += compensate(adapter, model, plan, stats)
+        with torch.no_grad():
+            for i, lp in sorted(plan.items()):
+                if lp.heads:
+                    shrink_heads(adapter, model, i, kept_heads(adapter, model, i, lp))
+                if lp.channels:
+                    gone = set(lp.channels)
+                    shrink_mlp(adapter, model, i, [c for c in range(block_width(adapter, adapter.blocks(model)[i])) if c not in gone])
+            expected += normalize_bias_flags(adapter, model)
+        summary["plan"] = {str(i): {"heads": lp.heads, "kv_heads": lp.kv_heads, "channels": len(lp.channels)} for i, lp in plan.items()}
+        if "heads" in st.kinds:
+            gone = sum(len(lp.heads) for lp in plan.values())
+            summary["heads_removed"] = f"{gone}/{heads_before}"
+            summary["heads_ratio"] = gone / max(heads_before, 1)
+        if "mlp" in st.kinds:
+            gone = sum(len(lp.channels) for lp in plan.values())
+            summary["mlp_removed"] = f"{gone}/{width_before}"
+            summary["mlp_ratio"] = gone / max(width_before, 1)
+        times["shrink_s"] = time.perf_counter() - t0
+
+    reason = why_not_stock(adapter, model)  # before finalize_config writes the new sizes
+    summary["format"] = finalize_config(adapter, model)
+    if summary["format"] == "prunekit":
+        summary["format_reason"] = reason
+    summary["params"] = count_params(model)
+    summary["params_expected"] = expected
+    summary["params_ratio"] = summary["params"] / before
+    summary["num_layers"] = len(adapter.blocks(model))
+    sizes = layer_sizes(adapter, model)
+    layers = {f"{adapter.blocks_path}.{i}": s for i, s in enumerate(sizes)}
+    times["prune_s"] = time.perf_counter() - t_all
+    if summary["params"] != expected:  # the shapes say what was removed; a mismatch is a bug, never silent
+        raise RuntimeError(f"structured pruning left {summary['params']} parameters, the plan says {expected}")
+    return model, Report(recipe=recipe.model_dump(), layers=layers, summary=summary, times=times)
+
+
+def summary_lines(report: Report) -> list[str]:
+    s, r = report.summary, report.recipe.get("structure") or {}
+    what = []
+    if r.get("kinds"):
+        what.append(f"{','.join(r['kinds'])} ratio {r['ratio']:g} by {r['criterion']}"
+                    + (" (global rank)" if r.get("global_rank") else "") + (" + bias compensation" if r.get("bias_compensation") else ""))
+    if r.get("remove_layers"):
+        what.append(f"{r['remove_layers']} layer(s) by block influence")
+    if r.get("remove_sublayers"):
+        what.append(f"{r['remove_sublayers']} sublayer(s) by {r['sublayer_method']}")
+    out = [f"structured: {'; '.join(what)}"]
+    detail = []
+    if "heads_removed" in s:
+        detail.append(f"heads removed {s['heads_removed']}")
+    if "mlp_removed" in s:
+        detail.append(f"MLP channels removed {s['mlp_removed']}")
+    if s.get("removed_sublayers"):
+        detail.append(f"sublayers removed {', '.join(s['removed_sublayers'])}")
+    if s.get("removed_layers"):
+        detail.append(f"layers removed {s['removed_layers']}")
+    if detail:
+        out.append("  ".join(detail))
+    out.append(f"params {s['params_before']:,} -> {s['params']:,} ({s['params_ratio']:.3f}x), {s['num_layers']} layers")
+    if report.times:
+        out.append("time  " + "  ".join(f"{k} {v:.1f}s" for k, v in report.times.items()))
+    if report.metrics:
+        out.append("metrics  " + "  ".join(f"{k} {v:.3f}" for k, v in report.metrics.items()))
+    for g in report.generations:
+        out.append(f"prompt  {g['prompt']!r}")
+        out.append(f"  dense   {g['dense']!r}")
+        out.append(f"  pruned  {g['pruned']!r}")
+    return out
