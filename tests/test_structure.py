@@ -255,6 +255,25 @@ def test_plan_removes_the_least_important_units(ids, calib_ids):
     assert torch.allclose(logits(m2, ids), logits(ref, ids), atol=ATOL)
 
 
+@pytest.mark.parametrize("gqa, ratio, heads_left", [("query", 0.5, 3), ("query", 0.2, 6), ("kv", 0.5, 6), ("kv", 0.2, 6)])
+def test_ratio_is_the_share_of_attention_weights(gqa, ratio, heads_left):
+    """SmolLM2's shape (9 query heads, 3 kv heads): a slice of 3 query heads is 3/12 of the attention weights,
+    a kv group 4/12; ratio 0.5 removes 6/12 (two slices) or, of kv groups, 4/12 (1.5 groups, the tie goes down)."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.LlamaConfig(hidden_size=144, intermediate_size=96, num_hidden_layers=2, num_attention_heads=9,
+                        num_key_value_heads=3, vocab_size=256)
+    model = t.LlamaForCausalLM(cfg).eval()
+    attn = sum(p.numel() for p in model.model.layers[0].self_attn.parameters())
+    model, rep = prunekit.prune(model, {"structure": {"kinds": ["heads"], "ratio": ratio, "criterion": "magnitude", "gqa": gqa}},
+                                progress=False)
+    assert [s["heads"] for s in rep.layers.values()] == [heads_left] * 2
+    left = sum(p.numel() for p in model.model.layers[0].self_attn.parameters())
+    if (gqa, ratio) == ("query", 0.5):
+        assert left == attn // 2 and rep.summary["format"] == "stock" and model.config.num_key_value_heads == 3
+
+
 def test_global_rank_gives_per_layer_sizes_and_keeps_the_total(calib_ids):
     model = tiny_model("llama", layers=4)
     with torch.no_grad():  # make layer 2's MLP much less important than the others
@@ -364,7 +383,7 @@ def test_sublayers_removed_in_both_halves_drop_the_block(calib_ids):
 @pytest.mark.parametrize("structure", [
     {"kinds": ["heads", "mlp"], "ratio": 0.5, "criterion": "magnitude"},
     {"kinds": ["mlp"], "ratio": 0.25, "criterion": "magnitude"},
-    {"kinds": ["heads", "mlp"], "ratio": 0.5, "criterion": "magnitude", "global_rank": True, "bias_compensation": True},
+    {"kinds": ["heads", "mlp"], "ratio": 0.3, "criterion": "magnitude", "global_rank": True, "bias_compensation": True},
     {"remove_layers": 1},
     {"remove_sublayers": 1},
 ])
@@ -411,7 +430,7 @@ def test_non_uniform_shrink_by_hand_rebuilds(tmp_path, ids):
 @pytest.mark.parametrize("structure, phrase", [
     ({"kinds": ["heads"], "ratio": 0.9}, "removes every attention head"),
     ({"kinds": ["mlp"], "ratio": 0.999}, "removes every MLP channel"),
-    ({"kinds": ["heads"], "ratio": 0.2}, "removes no attention head"),  # GQA: 2 query heads per kv group
+    ({"kinds": ["heads"], "ratio": 0.1}, "removes no attention head"),  # GQA: a slice of 2 query heads is 1/3
     ({"remove_layers": 2}, "not less than the model's 2 layers"),
     ({"remove_sublayers": 4}, "not less than the model's 4"),
 ])

@@ -85,7 +85,7 @@ def test_recipe_structure_section_and_layer_removal(tiny_dir, tmp_path):
     [
         (["--structure", "heads", "--ratio", "0.9"], "removes every attention head"),
         (["--structure", "mlp", "--ratio", "0.999"], "removes every MLP channel"),
-        (["--structure", "heads", "--ratio", "0.2"], "grouped-query attention requires"),
+        (["--structure", "heads", "--ratio", "0.1"], "grouped-query attention requires"),
         (["--structure", "heads", "--ratio", "0.2", "--gqa", "kv"], "removes no attention head"),
         (["--remove-layers", "2"], "not less than the model's 2 layers"),
         (["--remove-sublayers", "4"], "not less than the model's 4"),

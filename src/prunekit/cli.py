@@ -72,7 +72,7 @@ def prune(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
     structure: Annotated[Optional[str], typer.Option(help="structured: what to remove in width, heads | mlp | heads,mlp (the model shrinks)")] = None,
-    ratio: Annotated[Optional[float], typer.Option(help="structured: fraction of heads / MLP channels removed, [0, 1)")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="structured: fraction of each attention / MLP sublayer's weights removed, [0, 1)")] = None,
     criterion: Annotated[Optional[str], typer.Option(help="structured: fluctuation (FLAP, default) | magnitude | magnitude-l1 | taylor | random")] = None,
     global_rank: Annotated[bool, typer.Option("--global-rank", help="structured: rank standardized scores over all layers (sizes then differ per layer)")] = False,
     bias_compensation: Annotated[bool, typer.Option("--bias-compensation", help="structured: add the removed channels' mean output to o_proj/down_proj biases (FLAP)")] = False,

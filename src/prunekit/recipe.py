@@ -132,7 +132,7 @@ class Structure(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kinds: list[Literal["heads", "mlp"]] = Field(default_factory=list, description="what to prune in width: heads, mlp")
-    ratio: float = Field(0.0, description="fraction of heads / MLP channels removed, [0, 1)")
+    ratio: float = Field(0.0, description="fraction of each attention / MLP sublayer's weights removed, [0, 1)")
     criterion: Literal["magnitude", "magnitude-l1", "fluctuation", "taylor", "random"] = "fluctuation"
     global_rank: bool = Field(False, description="rank standardized scores over all layers (FLAP) instead of per layer")
     bias_compensation: bool = Field(False, description="add the removed channels' mean output to the biases (FLAP)")

@@ -7,9 +7,13 @@ Units are the smallest groups whose removal keeps the model expressible:
 * GQA, ``gqa='kv'``: one kv group (its k/v head and all its query heads); ``gqa='query'`` (default): one query
   head from every kv group (the least important of each), so every group keeps the same number of query heads.
 
-``ratio`` is the fraction of units removed. Uniform: each layer loses the nearest whole number of units (ties
-remove fewer). Global (FLAP): unit scores are standardized within each layer ((s - mean) / std), then the
-lowest ones over all layers go, every layer keeping at least its best unit.
+``ratio`` is the fraction of each sublayer's weights removed (as FLAP and LLM-Pruner count pruning ratios). For
+MLP channels, heads without GQA and whole kv groups that is the fraction of units; a GQA slice of query heads
+keeps its key/value heads, so it holds less: in SmolLM2 (9 query heads, 3 kv heads) one slice of 3 query heads
+is 3/12 of the attention weights and ratio 0.5 removes two slices (6 of 9 query heads). Uniform: each layer loses
+the whole number of units nearest to ratio / (a unit's share of the weights), ties removing fewer. Global (FLAP):
+unit scores are standardized within each layer ((s - mean) / std), then the lowest ones over all layers go,
+as many as the ratio asks for in total, every layer keeping at least its best unit.
 """
 
 from __future__ import annotations
@@ -39,9 +43,14 @@ class Units:
 
     scores: torch.Tensor
     members: list[tuple[list[int], list[int]]] | None = None  # heads only
+    share: float = 0.0  # the fraction of the sublayer's weights one unit holds
+
+    def __post_init__(self):
+        if not self.share:
+            self.share = 1.0 / self.scores.numel()
 
 
-def nearest_count(ratio: float, n: int) -> int:
+def nearest_count(ratio: float, n: float) -> int:
     """The whole number nearest to ratio * n; ties go down (remove fewer)."""
     return max(0, math.ceil(ratio * n - 0.5 - 1e-9))
 
@@ -49,14 +58,15 @@ def nearest_count(ratio: float, n: int) -> int:
 def head_units(criterion: str, s: LayerScores, heads: int, kv_heads: int, gqa: str) -> Units:
     per_group = heads // kv_heads
     hs, kv = s.heads.float().cpu(), s.kv.float().cpu()
+    # a query head (q rows + o columns) and a kv head (k + v rows) hold the same number of weights, 2 * hidden * hd
     if gqa == "kv" or per_group == 1:
         members = [(list(range(g * per_group, (g + 1) * per_group)), [g]) for g in range(kv_heads)]
         sums = torch.stack([hs[q].sum() + kv[k].sum() for q, k in members])
-        return Units(finish(criterion, sums), members)
+        return Units(finish(criterion, sums), members, (per_group + 1) / (heads + kv_heads))
     order = hs.view(kv_heads, per_group).argsort(dim=1, stable=True)  # least important first, per group
     members = [([g * per_group + int(order[g, j]) for g in range(kv_heads)], []) for j in range(per_group)]
     sums = torch.stack([hs[q].sum() for q, _ in members])
-    return Units(finish(criterion, sums), members)
+    return Units(finish(criterion, sums), members, kv_heads / (heads + kv_heads))
 
 
 def build_units(adapter: Adapter, model: nn.Module, scores: list[LayerScores], kind: str, criterion: str, gqa: str) -> list[Units | None]:
@@ -95,17 +105,17 @@ def select(per_layer: list[Units | None], ratio: float, global_rank: bool, kind:
         for i in layers:
             u = per_layer[i]
             n = u.scores.numel()
-            k = nearest_count(ratio, n)
+            k = nearest_count(ratio, 1 / u.share)
             if k >= n:
                 raise PruneError(
-                    f"Ratio {ratio:g} removes every {label} of layer {i} ({k} of its {n} {_what(kind, u)}); "
-                    "use a smaller --ratio."
+                    f"Ratio {ratio:g} removes every {label} of layer {i} ({n} {_what(kind, u)}, each "
+                    f"{u.share:.3g} of its weights); use a smaller --ratio."
                 )
             if k == 0:
-                step = 1 / n
+                step = u.share
                 raise PruneError(
-                    f"Ratio {ratio:g} removes no {label}: layer {i} has {n} {_what(kind, u)}, so the smallest step is "
-                    f"{step:.3g}; use --ratio {step / 2 + 1e-3:.2f} or more"
+                    f"Ratio {ratio:g} removes no {label}: layer {i} has {n} {_what(kind, u)}, each {step:.3g} of its "
+                    f"weights, so the smallest step is {step:.3g}; use --ratio {step / 2 + 1e-3:.2f} or more"
                     + (" (or --gqa kv)." if kind == "heads" and u.members and not u.members[0][1] else ".")
                 )
             removed[i] = u.scores.argsort(stable=True)[:k].tolist()
@@ -121,7 +131,7 @@ def select(per_layer: list[Units | None], ratio: float, global_rank: bool, kind:
         owner += [(i, j) for j in range(s.numel())]
     z = torch.cat(zs)
     total = z.numel()
-    k = nearest_count(ratio, total)
+    k = nearest_count(ratio, sum(1 / per_layer[i].share for i in layers))
     if k == 0:
         raise PruneError(f"Ratio {ratio:g} removes no {label} (the model has {total} {_what(kind, per_layer[layers[0]])}); use a larger --ratio.")
     if k > total - len(layers):
