@@ -1,0 +1,195 @@
+"""Unstructured saliency scores for every prunable weight of any model (higher = keep).
+
+* ``magnitude``  |w|.
+* ``random``     uniform noise (pair it with ERK allocation for the "random + ERK" baseline).
+* ``snip``       |g * w| on a few batches at the current weights (Lee et al., 2019; connection sensitivity).
+* ``grasp``      GraSP (Wang et al., 2020): the paper removes the weights with the *largest* -w * (H g), so the
+                 keep-score is ``w * (H g)`` (Hessian-gradient product by double backprop).
+* ``synflow``    SynFlow (Tanaka et al., 2020): data-free. |w * dR/dw| with R the sum of the output of the
+                 model with all parameters made positive on an all-ones input, in float64, BatchNorm in eval
+                 mode. Iterative: :func:`synflow_masks` re-scores ``iterations`` times while sparsity grows
+                 exponentially to the target, masking between rounds.
+* ``taylor``     first-order Taylor (Molchanov et al., 2019): sum over batches of (g * w)^2 at trained weights.
+
+Each function returns ``{parameter name: score tensor}`` for the names of :func:`prunable`; scores of weights
+already masked are set to -inf so they are never chosen back.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.errors import PruneError
+from prunekit.vision.masks import Masks, prunable
+
+CRITERIA = ("magnitude", "random", "snip", "grasp", "synflow", "taylor")
+DATA_FREE = ("magnitude", "random", "synflow")
+
+
+def _masked(scores: dict[str, torch.Tensor], masks: Masks | None) -> dict[str, torch.Tensor]:
+    if masks is None:
+        return scores
+    return {k: torch.where(masks[k].to(s.device), s, torch.full_like(s, -float("inf"))) for k, s in scores.items()}
+
+
+def _need_batches(batches, criterion: str) -> Sequence:
+    if not batches:
+        raise PruneError(f"Criterion {criterion!r} needs training batches; pass a dataset (it is not data-free).")
+    return batches
+
+
+def magnitude_scores(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    p = dict(model.named_parameters())
+    return {k: p[k].detach().abs().float().clone() for k in names}
+
+
+def random_scores(model: nn.Module, names: Iterable[str], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    p = dict(model.named_parameters())
+    return {k: torch.rand(p[k].shape, generator=g) for k in names}
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the buffers (BatchNorm running statistics), which a scoring forward in train mode updates."""
+    return {k: b.detach().clone() for k, b in model.named_buffers()}
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
+    for k, b in model.named_buffers():
+        if k in snap:
+            b.copy_(snap[k])
+
+
+def _grads(model: nn.Module, names: list[str], batches, masks: Masks | None, square: bool = False):
+    """Sum over batches of the gradient (or of (g*w)^2 when ``square``) of the cross-entropy, model as given."""
+    params = dict(model.named_parameters())
+    acc = {k: torch.zeros_like(params[k], dtype=torch.float32) for k in names}
+    was = model.training
+    snap = _snapshot(model)
+    model.train()
+    saved = None
+    if masks is not None:  # score the masked network
+        saved = {k: params[k].detach().clone() for k in names}
+        masks.apply(model)
+    try:
+        for x, y in batches:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            for k in names:
+                g = params[k].grad
+                if g is None:
+                    continue
+                acc[k] += (g * params[k].detach()).float().pow(2) if square else g.float()
+    finally:
+        model.zero_grad(set_to_none=True)
+        if saved is not None:
+            with torch.no_grad():
+                for k, v in saved.items():
+                    params[k].copy_(v)
+        _restore(model, snap)
+        model.train(was)
+    return acc
+
+
+def snip_scores(model, names, batches, masks=None):
+    names = list(names)
+    g = _grads(model, names, _need_batches(batches, "snip"), masks)
+    p = dict(model.named_parameters())
+    return _masked({k: (g[k] * p[k].detach()).abs() for k in names}, masks)
+
+
+def taylor_scores(model, names, batches, masks=None):
+    names = list(names)
+    return _masked(_grads(model, names, _need_batches(batches, "taylor"), masks, square=True), masks)
+
+
+def grasp_scores(model, names, batches, masks=None, temperature: float = 200.0):
+    """GraSP keep-scores w * (H g): g from the (temperature-scaled) loss without graph, then the gradient of
+    g_const . grad(loss) (with graph) w.r.t. the weights."""
+    names = list(names)
+    batches = _need_batches(batches, "grasp")
+    params = dict(model.named_parameters())
+    ws = [params[k] for k in names]
+    was = model.training
+    snap = _snapshot(model)
+    model.train()
+    saved = None
+    if masks is not None:
+        saved = {k: params[k].detach().clone() for k in names}
+        masks.apply(model)
+    try:
+        g0 = [torch.zeros_like(w) for w in ws]
+        for x, y in batches:
+            gs = torch.autograd.grad(F.cross_entropy(model(x) / temperature, y), ws, allow_unused=True)
+            for a, g in zip(g0, gs):
+                if g is not None:
+                    a += g
+        hg = [torch.zeros_like(w) for w in ws]
+        for x, y in batches:
+            gs = torch.autograd.grad(F.cross_entropy(model(x) / temperature, y), ws, create_graph=True, allow_unused=True)
+            z = sum((g * c).sum() for g, c in zip(gs, g0) if g is not None)
+            out = torch.autograd.grad(z, ws, allow_unused=True)
+            for a, h in zip(hg, out):
+                if h is not None:
+                    a += h
+        scores = {k: (w.detach() * h).float() for k, w, h in zip(names, ws, hg)}
+    finally:
+        if saved is not None:
+            with torch.no_grad():
+                for k, v in saved.items():
+                    params[k].copy_(v)
+        _restore(model, snap)
+        model.train(was)
+    return _masked(scores, masks)
+
+
+def synflow_scores(model: nn.Module, names: Iterable[str], input_shape: Sequence[int], masks: Masks | None = None):
+    """One SynFlow scoring pass (data-free): |w * dR/dw| of the positive, masked, float64 copy of the model."""
+    names = list(names)
+    m = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.is_floating_point():
+                t.abs_()
+        if masks is not None:
+            masks.apply(m)
+    params = dict(m.named_parameters())
+    for p in m.parameters():
+        p.requires_grad_(True)
+    x = torch.ones((1, *input_shape), dtype=torch.float64)
+    r = m(x).sum()
+    ws = [params[k] for k in names]
+    gs = torch.autograd.grad(r, ws, allow_unused=True)
+    scores = {}
+    for k, w, g in zip(names, ws, gs):
+        s = torch.zeros_like(w) if g is None else (w.detach() * g).abs()
+        scores[k] = s.float()
+    return _masked(scores, masks)
+
+
+def score(model: nn.Module, criterion: str, names: Iterable[str] | None = None, batches=None,
+          masks: Masks | None = None, seed: int = 0, input_shape: Sequence[int] | None = None):
+    """Scores of one criterion (see the module docstring). ``synflow`` here is a single pass; use
+    :func:`synflow_masks` for the iterative procedure."""
+    names = list(names) if names is not None else list(prunable(model))
+    if criterion == "magnitude":
+        return _masked(magnitude_scores(model, names), masks)
+    if criterion == "random":
+        return _masked(random_scores(model, names, seed), masks)
+    if criterion == "snip":
+        return snip_scores(model, names, batches, masks)
+    if criterion == "grasp":
+        return grasp_scores(model, names, batches, masks)
+    if criterion == "taylor":
+        return taylor_scores(model, names, batches, masks)
+    if criterion == "synflow":
+        if input_shape is None:
+            raise PruneError("SynFlow needs the input shape (e.g. 1,28,28); pass input_shape.")
+        return synflow_scores(model, names, input_shape, masks)
+    raise PruneError(f"Unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}.")

@@ -1,0 +1,103 @@
+"""When sparsity grows during training, and the one call that turns a criterion + allocation into masks.
+
+Schedules (``SCHEDULES``):
+
+* ``oneshot``   train dense, prune once to the target, fine-tune with the mask.
+* ``gradual``   Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n dt))^3 for t in
+                {t0, t0 + dt, ..., t0 + n dt}; masks are recomputed every dt steps from t0 to t0 + n dt.
+* ``lottery``   iterative magnitude pruning with weight rewinding (Frankle et al., 2019/2020): train, prune a
+                fraction of the remaining weights, rewind the surviving weights to their values at an early
+                iteration k, train again; sparsity after round r of R is 1 - (1 - s)^(r / R).
+* ``at-init``   score at initialization (SNIP, GraSP, SynFlow, random/ERK...), then train with the fixed mask.
+* ``scratch``   the control of Liu et al. (2019), "Rethinking the value of network pruning": the sparse
+                structure found by pruning a trained model, re-initialized and trained from scratch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from prunekit.errors import PruneError
+from prunekit.vision.allocation import allocate
+from prunekit.vision.criteria import CRITERIA, score
+from prunekit.vision.masks import Masks, check_sparsity, prunable
+
+SCHEDULES = ("oneshot", "gradual", "lottery", "at-init", "scratch")
+
+
+def cubic_sparsity(step: int, start: int, end: int, final: float, initial: float = 0.0, every: int = 1) -> float:
+    """Zhu & Gupta's cubic schedule at ``step``: ``initial`` before ``start``, ``final`` from ``end`` on, and in
+    between s_f + (s_i - s_f)(1 - (t - t0)/(t_end - t0))^3 with t rounded down to a multiple of ``every``
+    after ``start`` (masks change only every ``every`` steps)."""
+    check_sparsity(final)
+    check_sparsity(initial, "initial sparsity")
+    if end <= start:
+        raise PruneError(f"The pruning schedule ends (step {end}) before it starts (step {start}); "
+                         "make the end step larger than the start step.")
+    if every < 1:
+        raise PruneError(f"The pruning frequency must be at least 1 step; got {every}.")
+    if step < start:
+        return initial
+    if step >= end:
+        return final
+    t = start + ((step - start) // every) * every
+    frac = (t - start) / (end - start)
+    return final + (initial - final) * (1.0 - frac) ** 3
+
+
+def lottery_sparsities(final: float, rounds: int) -> list[float]:
+    """Sparsity after each IMP round: the same fraction of the remaining weights is pruned each round."""
+    check_sparsity(final)
+    if rounds < 1:
+        raise PruneError(f"Lottery-ticket pruning needs at least 1 round; got {rounds}.")
+    return [1.0 - (1.0 - final) ** (r / rounds) for r in range(1, rounds + 1)]
+
+
+def compute_masks(model: nn.Module, sparsity: float, criterion: str = "magnitude", allocation: str = "global",
+                  min_density: float | None = None, batches=None, masks: Masks | None = None, seed: int = 0,
+                  input_shape: Sequence[int] | None = None, iterations: int = 100, exclude: Sequence[str] = ()) -> Masks:
+    """Masks at ``sparsity`` from ``criterion`` scores spread by ``allocation``.
+
+    ``masks``: weights already pruned stay pruned (their scores are -inf). SynFlow runs its iterative procedure
+    (``iterations`` rounds, sparsity growing exponentially to the target, re-scored on the masked model)."""
+    check_sparsity(sparsity)
+    if criterion not in CRITERIA:
+        raise PruneError(f"Unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}.")
+    names = list(masks) if masks is not None else list(prunable(model, exclude))
+    if criterion != "synflow":
+        s = score(model, criterion, names, batches=batches, masks=masks, seed=seed, input_shape=input_shape)
+        return allocate(s, sparsity, allocation, min_density)
+    if input_shape is None:
+        raise PruneError("SynFlow needs the input shape (e.g. 1,28,28).")
+    if iterations < 1:
+        raise PruneError(f"SynFlow needs at least 1 iteration; got {iterations}.")
+    start_density = 1.0 - (masks.sparsity() if masks is not None else 0.0)
+    cur = masks
+    for k in range(1, iterations + 1):
+        s_k = 1.0 - start_density * ((1.0 - sparsity) / start_density) ** (k / iterations)
+        s = score(model, "synflow", names, masks=cur, input_shape=input_shape)
+        cur = allocate(s, min(max(s_k, 0.0), sparsity), allocation, min_density)
+    return cur
+
+
+class Rewinder:
+    """Keeps a copy of the weights at an early iteration and rewinds survivors to it (lottery ticket)."""
+
+    def __init__(self):
+        self.state: dict[str, torch.Tensor] | None = None
+        self.step: int | None = None
+
+    def save(self, model: nn.Module, step: int) -> None:
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.step = step
+
+    @torch.no_grad()
+    def rewind(self, model: nn.Module, masks: Masks) -> None:
+        """Load the early state (all parameters and BatchNorm buffers), then zero the masked weights."""
+        if self.state is None:
+            raise PruneError("Nothing to rewind to: the early weights were never saved (rewind step beyond training?).")
+        model.load_state_dict(self.state)
+        masks.apply(model)
