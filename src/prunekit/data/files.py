@@ -1,0 +1,88 @@
+"""Score and subset files (Parquet, written atomically). Provenance lives in the schema metadata under
+``prunekit``: data set, split, number of examples, score/strategy and options, so that a file for another
+data set is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from prunekit.data.datasets import atomic_write
+from prunekit.errors import PruneError
+
+
+def _write(path, columns: dict, meta: dict):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays = {}
+    for k, v in columns.items():
+        v = np.asarray(v)
+        if v.ndim == 2:
+            arrays[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.astype(np.float32).ravel()), v.shape[1])
+        else:
+            arrays[k] = pa.array(v)
+    table = pa.table(arrays).replace_schema_metadata({"prunekit": json.dumps(meta)})
+    atomic_write(Path(path), lambda t: pq.write_table(table, str(t)))
+
+
+def _read(path, kind: str):
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if not p.is_file():
+        raise PruneError(f"{p} does not exist; give the {kind} file written by `prunekit data "
+                         f"{'score' if kind == 'score' else 'select'}`.")
+    try:
+        t = pq.read_table(str(p))
+    except Exception as e:
+        raise PruneError(f"{p} is not a Parquet {kind} file ({type(e).__name__}); give one written by prunekit.") from e
+    meta = json.loads((t.schema.metadata or {}).get(b"prunekit", b"{}"))
+    if meta.get("kind") != kind:
+        raise PruneError(f"{p} is not a prunekit {kind} file; give the one written by `prunekit data "
+                         f"{'score' if kind == 'score' else 'select'}`.")
+    cols = {}
+    for name in t.column_names:
+        col = t.column(name)
+        if str(col.type).startswith("fixed_size_list"):
+            flat = col.combine_chunks()
+            cols[name] = np.asarray(flat.values.to_numpy(zero_copy_only=False)).reshape(len(flat), -1)
+        else:
+            cols[name] = col.to_numpy()
+    return cols, meta
+
+
+def save_scores(path, ds, res, *, cfg: dict | None = None, engine: str = "local", seconds: float | None = None):
+    cols = {"index": np.arange(len(ds), dtype=np.int64), "score": res.values}
+    if ds.y is not None:
+        cols["label"] = ds.y
+    for k in ("cluster", "centroid_distance", "embedding"):
+        if k in res.extra:
+            cols[k] = res.extra[k]
+    meta = {"kind": "score", "dataset": ds.name, "split": ds.meta.get("split"), "n": len(ds), "score": res.name,
+            "config": cfg or {}, "info": res.info, "engine": engine, "seconds": seconds}
+    _write(path, cols, meta)
+
+
+def load_scores(path):
+    cols, meta = _read(path, "score")
+    if len(cols["score"]) != meta.get("n"):
+        raise PruneError(f"{path} has {len(cols['score'])} rows but says {meta.get('n')}; re-run `prunekit data score`.")
+    return cols, meta
+
+
+def save_keep(path, keep, n: int, meta: dict):
+    _write(path, {"index": np.asarray(keep, dtype=np.int64)}, {"kind": "subset", "n": int(n), **meta})
+
+
+def load_keep(path, n: int | None = None, dataset: str | None = None):
+    cols, meta = _read(path, "subset")
+    idx = cols["index"].astype(np.int64)
+    if n is not None and meta.get("n") != n:
+        raise PruneError(f"{path} was selected from {meta.get('n')} examples but the data set has {n}; "
+                         "score and select on the same data set (and split) you train on.")
+    if n is not None and len(idx) and (idx.min() < 0 or idx.max() >= n):
+        raise PruneError(f"{path} has indices outside 0..{n - 1}; select again from this data set's scores.")
+    return idx, meta

@@ -1,0 +1,9 @@
+"""Random scores: a seeded uniform draw per example (the baseline every selection must beat)."""
+
+import numpy as np
+
+from prunekit.data.scores import ScoreResult
+
+
+def score(ds, cfg, engine=None, progress=False):
+    return ScoreResult("random", np.random.default_rng(cfg.seed).random(len(ds)))
