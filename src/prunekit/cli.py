@@ -73,7 +73,7 @@ def prune(
     generations: Annotated[int, typer.Option(help="greedy generations shown dense vs pruned")] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
-    structure: Annotated[Optional[str], typer.Option(help="structured: what to remove in width, heads | mlp | heads,mlp (the model shrinks)")] = None,
+    structure: Annotated[Optional[str], typer.Option(help="structured: what to remove in width, any of heads,mlp,hidden (hidden = residual stream; the model shrinks)")] = None,
     ratio: Annotated[Optional[float], typer.Option(help="structured: fraction of each attention / MLP sublayer's weights removed, [0, 1)")] = None,
     criterion: Annotated[Optional[str], typer.Option(help="structured: fluctuation (FLAP, default) | magnitude | magnitude-l1 | taylor | random")] = None,
     global_rank: Annotated[bool, typer.Option("--global-rank", help="structured: rank standardized scores over all layers (sizes then differ per layer)")] = False,
@@ -365,6 +365,12 @@ def recover(
     except KeyboardInterrupt:
         _say("interrupted; nothing was written")
         raise SystemExit(130) from None
+
+
+# vision and training-time pruning (issue 6)
+from prunekit.vision.cli import train_prune as _vision_train_prune  # noqa: E402
+
+app.command("train-prune")(_vision_train_prune)
 
 
 def main() -> None:

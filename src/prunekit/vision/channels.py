@@ -69,7 +69,7 @@ def check_supported(model: nn.Module, ignored: Sequence[nn.Module] = ()) -> None
         if own and not isinstance(mod, SUPPORTED):
             raise PruneError(
                 f"Channel pruning does not support the op {type(mod).__name__} (module {name or '<root>'!r}, "
-                f"parameters {', '.join(own)}); leave it out with --ignore {name or '<root>'} or use unstructured pruning.")
+                f"parameters {', '.join(own)}); keep it with --exclude {name or '<root>'} (ignore=[...] in Python) or use unstructured pruning.")
 
 
 def _plain(idxs, root: bool = False) -> torch.Tensor:
@@ -223,7 +223,7 @@ def prune_channels(model: nn.Module, example: torch.Tensor, ratio: float = 0.3, 
         report["verify_max_abs_diff"] = err
         if not torch.allclose(a, b, atol=atol, rtol=1e-3):
             raise PruneError(f"Channel removal changed the outputs (max |diff| {err:.3g}) compared with zeroing the "
-                             "same channels: the graph mis-handles an op in this model; --ignore the module around it.")
+                             "same channels: the graph mis-handles an op in this model; --exclude the module around it.")
     model.train(was)
     return report
 

@@ -1,0 +1,106 @@
+"""``prunekit train-prune``: train a vision model while pruning it, write a run directory.
+
+Registered on the main app in :mod:`prunekit.cli`; heavy imports happen inside the command.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from prunekit.errors import PruneError
+
+
+def _read_recipe(path: Path) -> dict:
+    if not path.is_file():
+        raise PruneError(f"Recipe {path} does not exist; give the path of a YAML or JSON recipe file.")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001
+        raise PruneError(f"Recipe {path} is not valid YAML/JSON ({e}); fix the file.") from None
+    if not isinstance(data, dict):
+        raise PruneError(f"Recipe {path} must be a mapping of settings (model, method, schedule, sparsity, ...).")
+    data = data.get("train_prune", data)
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def train_prune(
+    model: Annotated[Optional[str], typer.Argument(help="cnn | resnet | vit | concat | efficientnet-lite0")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run directory (must not exist unless --overwrite)")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="fashion-mnist | synthetic")] = None,
+    method: Annotated[Optional[str], typer.Option(help="criterion: magnitude | random | snip | grasp | synflow | taylor (channels: also l1, lamp, bn-scale)")] = None,
+    allocation: Annotated[Optional[str], typer.Option(help="uniform | global | global-min | lamp | erk")] = None,
+    min_density: Annotated[Optional[float], typer.Option(help="global-min: least fraction of weights each layer keeps")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="oneshot | gradual | lottery | at-init | scratch")] = None,
+    sparsity: Annotated[Optional[float], typer.Option(help="target: fraction of weights (or of channels with --structure channels), [0, 1)")] = None,
+    structure: Annotated[Optional[str], typer.Option(help="weights (masks) | channels (the model shrinks)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="training epochs (per round for lottery)")] = None,
+    finetune_epochs: Annotated[Optional[int], typer.Option(help="epochs after pruning (oneshot) or added to training")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="images per step")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="SGD learning rate (cosine decay per phase)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed of initialization, data order and subset")] = None,
+    train_subset: Annotated[Optional[int], typer.Option(help="train on this many images (default all)")] = None,
+    test_subset: Annotated[Optional[int], typer.Option(help="evaluate on this many test images (default all)")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="resize images (EfficientNet-Lite0: 64 by default)")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="lottery: pruning rounds")] = None,
+    rewind_step: Annotated[Optional[int], typer.Option(help="lottery: iteration the survivors are rewound to")] = None,
+    gradual_start: Annotated[Optional[float], typer.Option(help="gradual: fraction of steps where pruning starts")] = None,
+    gradual_end: Annotated[Optional[float], typer.Option(help="gradual: fraction of steps where the target is reached")] = None,
+    prune_every: Annotated[Optional[int], typer.Option(help="gradual: steps between mask updates")] = None,
+    synflow_iterations: Annotated[Optional[int], typer.Option(help="SynFlow scoring rounds")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="fnmatch pattern of layers kept dense; repeatable")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML/JSON recipe; flags given here override its fields")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Train a vision model while pruning it (masks or channels) and write a run directory with the model
+    (safetensors + manifest) and its curves."""
+    from prunekit.vision.train import make_config
+
+    fields = _read_recipe(recipe) if recipe is not None else {}
+    flags = dict(model=model, dataset=dataset, method=method, allocation=allocation, min_density=min_density,
+                 schedule=schedule, sparsity=sparsity, structure=structure, epochs=epochs,
+                 finetune_epochs=finetune_epochs, batch_size=batch_size, lr=lr, seed=seed, train_subset=train_subset,
+                 test_subset=test_subset, image_size=image_size, rounds=rounds, rewind_step=rewind_step,
+                 gradual_start=gradual_start, gradual_end=gradual_end, prune_every=prune_every,
+                 synflow_iterations=synflow_iterations, exclude=exclude or None)
+    out = out if out is not None else (Path(fields.pop("out")) if "out" in fields else None)
+    fields.pop("out", None)
+    if out is None:
+        raise PruneError("Give the run directory with --out DIR.")
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    cfg = make_config(**fields)
+    if out.exists() and not overwrite:
+        raise PruneError(f"Output {out} already exists; choose another --out or pass --overwrite.")
+    import torch
+
+    from prunekit.vision.train import save_run
+    from prunekit.vision.train import train_prune as run
+
+    torch.set_num_threads(max(1, threads))
+    print(f"train-prune: {cfg.model} on {cfg.dataset}, {cfg.structure} {cfg.method}/{cfg.allocation}, "
+          f"schedule {cfg.schedule}, target {cfg.sparsity:.1%}", file=sys.stderr, flush=True)
+    model_, masks, info = run(cfg, progress=progress)
+    save_run(out, model_, cfg, masks, info, overwrite=overwrite)
+    m = info["metrics"]
+    if "dense_acc" in info:
+        print(f"dense test accuracy {info['dense_acc']:.4f}")
+    if "acc_after_prune" in info:
+        print(f"right after pruning  {info['acc_after_prune']:.4f}")
+    if cfg.structure == "channels":
+        ch = info["channels"]
+        print(f"channels: parameters {ch['params_before']:,} -> {ch['params_after']:,}")
+    print(f"final test accuracy {m['test_acc']:.4f} on {m['test_images']} images, sparsity {m['sparsity']:.4f}, "
+          f"{info['seconds']:.1f}s")
+    print(f"saved {out}  (prunekit.vision.train.load_run('{out}') rebuilds it)")
