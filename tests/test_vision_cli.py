@@ -147,3 +147,15 @@ def test_fashion_mnist_short_run(tmp_path):
     assert r.returncode == 0, r.stderr
     man = json.loads((out / "prunekit.json").read_text())
     assert man["metrics"]["test_acc"] > 0.5  # well above chance (0.1) after a few hundred steps
+
+
+def test_bundled_recipes_are_valid():
+    from pathlib import Path
+
+    from prunekit.vision.cli import _read_recipe, bundled_recipes
+    from prunekit.vision.train import make_config
+
+    names = bundled_recipes()
+    assert {"global-mp", "gradual-cubic", "lottery-ticket", "synflow-at-init", "precrop-snip", "lite0-channels"} <= set(names)
+    for n in names:
+        make_config(**_read_recipe(Path(n)))

@@ -15,9 +15,19 @@ import typer
 from prunekit.errors import PruneError
 
 
+BUNDLED = Path(__file__).parent / "recipes"
+
+
+def bundled_recipes() -> list[str]:
+    return sorted(p.stem for p in BUNDLED.glob("*.yaml"))
+
+
 def _read_recipe(path: Path) -> dict:
+    if not path.is_file() and (BUNDLED / f"{path}.yaml").is_file():
+        path = BUNDLED / f"{path}.yaml"
     if not path.is_file():
-        raise PruneError(f"Recipe {path} does not exist; give the path of a YAML or JSON recipe file.")
+        raise PruneError(f"Recipe {path} does not exist; give the path of a YAML or JSON recipe file or a bundled "
+                         f"recipe name ({', '.join(bundled_recipes())}).")
     text = path.read_text()
     try:
         if path.suffix.lower() == ".json":
@@ -59,7 +69,7 @@ def train_prune(
     prune_every: Annotated[Optional[int], typer.Option(help="gradual: steps between mask updates")] = None,
     synflow_iterations: Annotated[Optional[int], typer.Option(help="SynFlow scoring rounds")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="fnmatch pattern of layers kept dense; repeatable")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML/JSON recipe; flags given here override its fields")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML/JSON recipe file or bundled name (global-mp, gradual-cubic, lottery-ticket, synflow-at-init, precrop-snip, lite0-channels); flags override its fields")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 1,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,

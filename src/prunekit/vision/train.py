@@ -93,11 +93,15 @@ class TrainPruneConfig(BaseModel):
             if self.min_density > 1.0 - self.sparsity + 1e-12:
                 raise ValueError(f"the per-layer minimum density {self.min_density} is above the target density "
                                  f"{1 - self.sparsity:.4g}; lower min_density or the sparsity")
-        for k in ("epochs", "batch_size", "score_batches", "synflow_iterations", "prune_every", "rounds"):
+        for k in ("batch_size", "score_batches", "synflow_iterations", "prune_every", "rounds"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1")
-        if self.finetune_epochs < 0 or self.rewind_step < 0:
-            raise ValueError("finetune_epochs and rewind_step must be >= 0")
+        if self.epochs < 0 or self.finetune_epochs < 0 or self.rewind_step < 0:
+            raise ValueError("epochs, finetune_epochs and rewind_step must be >= 0")
+        if self.schedule == "lottery" and self.epochs < 1:
+            raise ValueError("the lottery schedule trains epochs >= 1 per round")
+        if self.schedule in ("at-init", "scratch", "gradual") and self.epochs + self.finetune_epochs < 1:
+            raise ValueError(f"the {self.schedule} schedule needs epochs + finetune_epochs >= 1")
         return self
 
 
@@ -314,7 +318,7 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
             raise PruneError(f"No module named {bad[0]!r} in the model; --exclude takes module names.")
         check_supported(model, output_modules(model.eval(), example) + [mods[n] for n in ignore_dense])
         if cfg.schedule in ("oneshot", "scratch"):
-            if not (effnet and cfg.epochs == 0):
+            if cfg.epochs > 0:
                 train_epochs(model, data, cfg.epochs, cfg, None, "dense", hist, progress=progress, seed=cfg.seed)
             info["dense_acc"] = evaluate(model, data["x_test"], data["y_test"])
             batches = batches_of(data, cfg.score_batches, cfg.batch_size, cfg.seed)
