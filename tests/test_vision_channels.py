@@ -153,3 +153,13 @@ def test_bad_channel_input():
 def test_precrop_ratios_follow_density():
     r = precrop_ratios(SmallCNN(), {"features.0.weight": 1.0, "features.3.weight": 0.25, "classifier.1.weight": 0.01})
     assert r["features.0"] == 0.0 and r["features.3"] == pytest.approx(0.5) and r["classifier.1"] == pytest.approx(0.9)
+
+
+def test_global_channel_allocation_differs_per_layer_and_verifies():
+    torch.manual_seed(0)
+    model = randomize_norms(SmallResNet(10, 8))
+    x = torch.randn(2, 1, 28, 28)
+    rep = prune_channels(model, x, 0.5, "magnitude", global_pruning=True)
+    assert rep["verify_max_abs_diff"] < 1e-4
+    kept = {m.out_channels / c for m, c in ((model.stem[0], 8), (model.layers[1].conv1, 16), (model.layers[2].conv1, 32))}
+    assert len(kept) > 1  # not the same ratio everywhere

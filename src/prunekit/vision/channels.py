@@ -168,10 +168,13 @@ def zero_channels(model: nn.Module, group, names: dict[nn.Module, str]) -> None:
 def prune_channels(model: nn.Module, example: torch.Tensor, ratio: float = 0.3, criterion: str = "magnitude",
                    ratio_dict: dict[str, float] | None = None, global_pruning: bool = False,
                    ignore: Sequence[str] = (), round_to: int | None = None, batches=None,
-                   input_shape: Sequence[int] | None = None, verify: bool = True, atol: float = 1e-4) -> dict:
+                   input_shape: Sequence[int] | None = None, verify: bool = True, atol: float = 1e-4,
+                   max_ratio: float = 0.9) -> dict:
     """Remove a fraction ``ratio`` of the channels of every coupled group (in place) and return a report.
 
     ``ratio_dict``: per-module ratios (module name -> ratio) overriding ``ratio`` for groups rooted there.
+    ``global_pruning``: rank normalized group scores over all groups (sizes then differ per layer; no group loses
+    more than ``max_ratio`` of its channels).
     ``ignore``: module names whose channels stay (the classifier is always kept). ``verify``: check on
     ``example`` that the shrunk model equals the unpruned model with the removed channels zeroed.
     """
@@ -204,7 +207,7 @@ def prune_channels(model: nn.Module, example: torch.Tensor, ratio: float = 0.3, 
     pruner = tp.pruner.BasePruner(
         model, example, importance=imp, pruning_ratio=float(ratio), global_pruning=global_pruning,
         pruning_ratio_dict={mods[k]: float(v) for k, v in (ratio_dict or {}).items()} or None,
-        ignored_layers=ignored, round_to=round_to)
+        ignored_layers=ignored, round_to=round_to, max_pruning_ratio=max_ratio)
     removed = 0
     for group in pruner.step(interactive=True):
         if reference is not None:

@@ -43,7 +43,9 @@ class TrainPruneConfig(BaseModel):
     structure: Literal["weights", "channels"] = Field("weights", description="weights: unstructured masks; "
                                                       "channels: remove channels (the model shrinks)")
     method: str = Field("magnitude", description="criterion: " + " | ".join(CRITERIA) + " (channels also l1, lamp, bn-scale)")
-    allocation: str = Field("global", description=" | ".join(ALLOCATIONS))
+    allocation: str | None = Field(None, description=" | ".join(ALLOCATIONS) + " (default: global for weights; "
+                                   "channels: uniform = same ratio in every group, global = one ranking of "
+                                   "normalized group scores over all groups)")
     min_density: float | None = Field(None, description="global-min: least fraction of weights each layer keeps")
     schedule: str = Field("oneshot", description=" | ".join(SCHEDULES))
     sparsity: float = Field(0.9, description="weights: fraction of prunable weights zeroed; channels: fraction of "
@@ -76,6 +78,10 @@ class TrainPruneConfig(BaseModel):
             raise ValueError(f"target sparsity must be in [0, 1); got {self.sparsity}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.allocation is None:
+            self.allocation = "uniform" if self.structure == "channels" else "global"
+        if self.structure == "channels" and self.allocation not in ("uniform", "global"):
+            raise ValueError("channel pruning takes allocation uniform or global")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.structure == "weights" and self.method not in CRITERIA:
@@ -322,7 +328,8 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
                 train_epochs(model, data, cfg.epochs, cfg, None, "dense", hist, progress=progress, seed=cfg.seed)
             info["dense_acc"] = evaluate(model, data["x_test"], data["y_test"])
             batches = batches_of(data, cfg.score_batches, cfg.batch_size, cfg.seed)
-            info["channels"] = prune_channels(model, example, cfg.sparsity, cfg.method, ignore=ignore_dense, batches=batches)
+            info["channels"] = prune_channels(model, example, cfg.sparsity, cfg.method, ignore=ignore_dense, batches=batches,
+                                              global_pruning=cfg.allocation == "global")
             if cfg.schedule == "scratch":
                 reinitialize(model, cfg.seed + 1)
                 train_epochs(model, data, cfg.epochs + cfg.finetune_epochs, cfg, None, "scratch", hist,
