@@ -163,3 +163,13 @@ def test_global_channel_allocation_differs_per_layer_and_verifies():
     assert rep["verify_max_abs_diff"] < 1e-4
     kept = {m.out_channels / c for m, c in ((model.stem[0], 8), (model.layers[1].conv1, 16), (model.layers[2].conv1, 32))}
     assert len(kept) > 1  # not the same ratio everywhere
+
+
+def test_count_macs_counts_same_padding_convs():
+    from prunekit.vision.channels import count_macs
+
+    m = EfficientNetLite0(1000)
+    macs = count_macs(m, torch.randn(1, 3, 224, 224))
+    assert 380e6 < macs < 420e6  # EfficientNet-Lite0 is ~0.4 GMACs at 224x224
+    n = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    assert count_macs(n, torch.randn(1, 2, 6, 6)) == 4 * 4 * 4 * 1 * 9 + 3 * 64

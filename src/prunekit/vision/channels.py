@@ -244,6 +244,31 @@ def precrop_ratios(model: nn.Module, densities: dict[str, float]) -> dict[str, f
     return out
 
 
+@torch.no_grad()
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of convolutions and linear layers for ``example`` (subclasses such as TF-"same"
+    convolutions included, which type-keyed counters miss)."""
+    total = [0]
+
+    def conv(m, i, o):
+        total[0] += o.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+    def lin(m, i, o):
+        total[0] += o.numel() * m.in_features
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, nn.modules.conv._ConvNd) else lin)
+             for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    try:
+        was = model.training
+        model.eval()
+        model(example)
+        model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
 # -- save / load without pickle ---------------------------------------------------------------------------
 
 def shapes_of(model: nn.Module) -> dict[str, list[int]]:
