@@ -173,3 +173,19 @@ def test_count_macs_counts_same_padding_convs():
     assert 380e6 < macs < 420e6  # EfficientNet-Lite0 is ~0.4 GMACs at 224x224
     n = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     assert count_macs(n, torch.randn(1, 2, 6, 6)) == 4 * 4 * 4 * 1 * 9 + 3 * 64
+
+
+def test_precropping_and_scratch_runs_shrink_the_model():
+    from prunekit.vision.train import load_data, make_config, train_prune
+
+    data = load_data("synthetic", 128, 64)
+    cfg = make_config(model="resnet", dataset="synthetic", structure="channels", method="snip", allocation="global",
+                      schedule="at-init", sparsity=0.8, epochs=1, finetune_epochs=0, batch_size=64)
+    torch.manual_seed(0)
+    model, masks, info = train_prune(cfg, progress=False, data=data)
+    assert masks is None and info["channels"]["params_after"] < info["channels"]["params_before"]
+    assert len(set(round(v, 3) for v in info["precrop_ratios"].values())) > 1  # per-layer, not uniform
+    assert sum(p.numel() for p in model.parameters()) == info["channels"]["params_after"]
+    cfg2 = cfg.model_copy(update={"schedule": "scratch", "method": "magnitude"})
+    model2, _, info2 = train_prune(cfg2, progress=False, data=data)
+    assert info2["channels"]["params_after"] < info2["channels"]["params_before"]
