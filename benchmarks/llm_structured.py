@@ -47,6 +47,16 @@ def configs(n_layers: int, quick: bool, greedy: bool) -> list[tuple[str, dict]]:
         rows.append((f"heads+mlp {ratio:.0%} FLAP (global + bias comp.)",
                      {"kinds": ["heads", "mlp"], "ratio": ratio, "criterion": "fluctuation", "global_rank": True,
                       "bias_compensation": True}))
+    # MLP channels only: the configuration Torch-Pruning can also prune on this model (see torch_pruning_mlp)
+    rows.append(("mlp 50% magnitude", {"kinds": ["mlp"], "ratio": 0.5, "criterion": "magnitude"}))
+    rows.append(("mlp 50% fluctuation + bias comp.", {"kinds": ["mlp"], "ratio": 0.5, "criterion": "fluctuation",
+                                                      "bias_compensation": True}))
+    rows.append(("mlp 50% Torch-Pruning (group L2 magnitude)", {"peer": "torch-pruning", "ratio": 0.5}))
+    # hidden size (Minitron): the residual stream loses channels everywhere
+    if not quick:
+        for crit in ("fluctuation", "magnitude"):
+            rows.append((f"hidden 25% {'activation (Minitron)' if crit == 'fluctuation' else crit}",
+                         {"kinds": ["hidden"], "ratio": 0.25, "criterion": crit}))
     for frac in (0.15, 0.25):
         k = int(frac * n_layers + 0.5)
         rows.append((f"blocks {frac:.0%} ({k} of {n_layers})", {"remove_layers": k}))
@@ -56,6 +66,32 @@ def configs(n_layers: int, quick: bool, greedy: bool) -> list[tuple[str, dict]]:
         if greedy:
             rows.append((f"sublayers {frac:.0%} ({k}) greedy", {"remove_sublayers": k, "sublayer_method": "greedy"}))
     return rows
+
+
+def torch_pruning_mlp(model, ratio: float, vocab: int):
+    """Torch-Pruning (DepGraph, ``MetaPruner`` with its group L2 magnitude importance, as its LLM example) on the MLP
+    channels only: attention projections, down_proj and lm_head ignored, so the only groups left are the MLP
+    channels (gate/up rows + down columns). Its GQA head groups do not build on this model (see the notes), and its
+    hidden-size groups need the heads too. Torch-Pruning does not update the config: done here by hand, as its
+    example does, so that the model saves and reloads."""
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)
+    ignored = [m.lm_head]
+    for b in m.model.layers:
+        a = b.self_attn
+        ignored += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, b.mlp.down_proj]
+    example = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
+    pruner = tp.pruner.MetaPruner(m, example_inputs=example, importance=imp, global_pruning=False, pruning_ratio=ratio,
+                                  output_transform=lambda o: o.logits, ignored_layers=ignored)
+    pruner.step()
+    m.config.intermediate_size = m.model.layers[0].mlp.gate_proj.out_features
+    for b in m.model.layers:
+        b.mlp.intermediate_size = b.mlp.gate_proj.out_features
+    return m, {"format": "stock after a manual config fix", "mlp_removed":
+               f"{sum(model.model.layers[i].mlp.gate_proj.out_features - b.mlp.gate_proj.out_features for i, b in enumerate(m.model.layers))}"
+               f"/{sum(b.mlp.gate_proj.out_features for b in model.model.layers)}", "tp_version": tp.__version__}
 
 
 def _timer(model, ids):
@@ -163,15 +199,22 @@ def main() -> None:
     print(f"dense: ppl {dense_ppl:.2f}  params {dense_params:,}", flush=True)
     rows = []
     for label, st in configs(n_layers, args.quick, args.greedy):
-        m = copy.deepcopy(model)
         t0 = time.perf_counter()
-        m, rep = prunekit.prune(m, {"structure": st}, calib, progress=False)
+        if st.get("peer") == "torch-pruning":
+            try:
+                m, summ = torch_pruning_mlp(model, st["ratio"], vocab)
+            except ImportError:
+                print(f"{label}: skipped (pip install torch-pruning --no-deps)", flush=True)
+                continue
+        else:
+            m, rep = prunekit.prune(copy.deepcopy(model), {"structure": st}, calib, progress=False)
+            summ = rep.summary
         prune_s = time.perf_counter() - t0
         row = {"config": label, "structure": st, "params": count_params(m), "perplexity": perplexity(m, windows),
-               "prune_s": prune_s, "format": rep.summary["format"], **speed(m),
-               "heads_removed": rep.summary.get("heads_removed"), "mlp_removed": rep.summary.get("mlp_removed"),
-               "removed_layers": rep.summary.get("removed_layers"),
-               "removed_sublayers": rep.summary.get("removed_sublayers")}
+               "prune_s": prune_s, "format": summ["format"], **speed(m),
+               "heads_removed": summ.get("heads_removed"), "mlp_removed": summ.get("mlp_removed"),
+               "hidden_removed": summ.get("hidden_removed"), "removed_layers": summ.get("removed_layers"),
+               "removed_sublayers": summ.get("removed_sublayers")}
         rows.append(row)
         print(f"{label:<42} ppl {row['perplexity']:9.2f}  params {row['params'] / dense_params:.3f}  "
               f"b1 {row['tps_b1']:6.0f} ({row['speedup_b1']:.2f}x)  b8 {row['tps_b8']:6.0f} ({row['speedup_b8']:.2f}x) "
@@ -193,6 +236,7 @@ def main() -> None:
     for r in rows:
         removed = ", ".join(x for x in (
             r["heads_removed"] and f"heads {r['heads_removed']}", r["mlp_removed"] and f"mlp {r['mlp_removed']}",
+            r.get("hidden_removed") and f"hidden {r['hidden_removed']}",
             r["removed_layers"] and f"layers {r['removed_layers']}",
             r["removed_sublayers"] and f"sublayers {' '.join(r['removed_sublayers'])}") if x)
         lines.append(

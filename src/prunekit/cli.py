@@ -174,7 +174,7 @@ def prune(
         train = calibration_batches(tokenize(tok, load_text(r.text, "calibration")), r.samples, r.seqlen, r.seed, what=f"text {r.text!r}")
         _say(f"recovery: {r.method}, {r.steps} steps of {r.batch_size} x {r.seqlen} tokens ...")
         t0 = time.perf_counter()
-        m, rstats = run_recovery(m, r, train, teacher=teacher, progress=True)
+        m, rstats = run_recovery(m, r, train, teacher=teacher, structured=rec.structure is not None, progress=True)
         times["recovery_s"] = time.perf_counter() - t0
         rep.summary["recovery"] = rstats
         del teacher
@@ -247,13 +247,13 @@ def eval_(
 
     if seqlen <= 0 or windows <= 0:
         raise PruneError("--seqlen and --windows must be positive integers.")
-    m, tok = load_model(model)
+    m, tok = io.load_any(model)
     w = _load_windows(tok, text, "evaluation", seqlen, windows)
     t0 = time.perf_counter()
     res = api.evaluate(m, w, progress=True)
     res["eval_s"] = time.perf_counter() - t0
     if reference is not None:
-        ref_model, _ = load_model(reference)
+        ref_model, _ = io.load_any(reference)
         from prunekit.evaluate import agreement, score_windows
 
         res["agreement"] = agreement(score_windows(ref_model, w)[1], score_windows(m, w)[1])
@@ -328,12 +328,13 @@ def recover(
 
         t0 = time.perf_counter()
         _say(f"loading {pruned} ...")
-        m, tok = load_model(pruned)
-        pruning_masks(m)  # an unpruned model fails here, before any training
+        m, tok = io.load_any(pruned)
+        structured = bool(((manifest or {}).get("recipe") or {}).get("structure"))
+        pruning_masks(m, structured)  # an unpruned model fails here, before any training
         t_model = None
         if teacher_name:
             _say(f"loading teacher {teacher_name} ...")
-            t_model, _ = load_model(teacher_name)
+            t_model, _ = io.load_any(teacher_name)
         times = {"load_s": time.perf_counter() - t0}
         batches = calibration_batches(tokenize(tok, train_text), rec.samples, rec.seqlen, rec.seed, what=f"text {rec.text!r}")
         windows = None if ev_text == "none" else _load_windows(tok, ev_text, "evaluation", rec.seqlen, eval_windows)
@@ -345,7 +346,7 @@ def recover(
             metrics["perplexity_before"] = api.evaluate(m, windows)["perplexity"]
             times["eval_before_s"] = time.perf_counter() - t0
         _say(f"training: {rec.method}, {rec.steps} steps of {rec.batch_size} x {rec.seqlen} tokens, lr {rec.lr:g} ...")
-        m, stats = run_recovery(m, rec, batches, teacher=t_model, progress=True)
+        m, stats = run_recovery(m, rec, batches, teacher=t_model, structured=structured, progress=True)
         del t_model
         if windows is not None:
             t0 = time.perf_counter()

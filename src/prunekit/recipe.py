@@ -131,8 +131,12 @@ class Structure(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    kinds: list[Literal["heads", "mlp"]] = Field(default_factory=list, description="what to prune in width: heads, mlp")
-    ratio: float = Field(0.0, description="fraction of each attention / MLP sublayer's weights removed, [0, 1)")
+    kinds: list[Literal["heads", "mlp", "hidden"]] = Field(
+        default_factory=list, description="what to prune in width: heads, mlp, hidden (the residual stream, Minitron)"
+    )
+    ratio: float = Field(
+        0.0, description="fraction of each attention / MLP sublayer's weights removed (of the hidden channels for hidden), [0, 1)"
+    )
     criterion: Literal["magnitude", "magnitude-l1", "fluctuation", "taylor", "random"] = "fluctuation"
     global_rank: bool = Field(False, description="rank standardized scores over all layers (FLAP) instead of per layer")
     bias_compensation: bool = Field(False, description="add the removed channels' mean output to the biases (FLAP)")
@@ -167,14 +171,19 @@ class Structure(BaseModel):
         if self.kinds and self.ratio == 0:
             raise ValueError(f"pruning {','.join(self.kinds)} needs a ratio in (0, 1)")
         if self.ratio > 0 and not self.kinds:
-            raise ValueError("ratio needs kinds to prune: heads, mlp or both")
-        if self.bias_compensation and not self.kinds:
+            raise ValueError("ratio needs kinds to prune: heads, mlp, hidden")
+        if self.bias_compensation and not self.width_kinds:
             raise ValueError("bias_compensation needs heads or mlp pruning")
         if not self.kinds and not self.remove_layers and not self.remove_sublayers:
             raise ValueError("nothing to remove: give kinds and a ratio, remove_layers or remove_sublayers")
         if self.remove_layers and self.remove_sublayers:
             raise ValueError("choose remove_layers or remove_sublayers, not both")
         return self
+
+    @property
+    def width_kinds(self) -> list[str]:
+        """The kinds scored per sublayer (heads, mlp); hidden is handled on its own."""
+        return [k for k in self.kinds if k != "hidden"]
 
     @property
     def needs_data(self) -> bool:

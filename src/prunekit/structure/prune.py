@@ -14,6 +14,7 @@ from prunekit.arch.base import Adapter, _get
 from prunekit.errors import PruneError
 from prunekit.recipe import Recipe, Structure
 from prunekit.report import Report
+from prunekit.structure import hidden as hid
 from prunekit.structure import importance as imp
 from prunekit.structure.compensate import compensate, normalize_bias_flags
 from prunekit.structure.layers import greedy_sublayers, influences, lowest_blocks, lowest_sublayers, sublayer_candidates
@@ -92,9 +93,11 @@ def check(adapter: Adapter, model: nn.Module, st: Structure) -> None:
             )
         if not adapter.pre_norm(model):
             raise PruneError(f"This {adapter.family} model is post-norm, so single sublayers cannot be removed; use --remove-layers.")
-    if st.kinds:
+    if "hidden" in st.kinds:
+        hid.check_hidden(adapter, model, st.ratio)
+    if st.width_kinds:
         zeros = _zero_scores(adapter, model)
-        for kind in st.kinds:
+        for kind in st.width_kinds:
             select(build_units(adapter, model, zeros, kind, "random", st.gqa), st.ratio, st.global_rank, kind)
 
 
@@ -152,15 +155,15 @@ def prune_structured(
         times["sublayers_s"] = time.perf_counter() - t0
 
     # ---- width
-    if st.kinds:
+    if st.width_kinds:
         t0 = time.perf_counter()
-        check(adapter, model, Structure(kinds=st.kinds, ratio=st.ratio, gqa=st.gqa, global_rank=st.global_rank))
+        check(adapter, model, Structure(kinds=st.width_kinds, ratio=st.ratio, gqa=st.gqa, global_rank=st.global_rank))
         stats = None
         if st.criterion == "fluctuation" or st.bias_compensation:
             stats = imp.collect_meanvar(adapter, model, calibration_batches, bs, device, progress)
         scores = scores_for(adapter, model, st, calibration_batches, stats, bs, progress)
-        units = {k: build_units(adapter, model, scores, k, st.criterion, st.gqa) for k in st.kinds}
-        removed = {k: select(units[k], st.ratio, st.global_rank, k) for k in st.kinds}
+        units = {k: build_units(adapter, model, scores, k, st.criterion, st.gqa) for k in st.width_kinds}
+        removed = {k: select(units[k], st.ratio, st.global_rank, k) for k in st.width_kinds}
         plan = make_plan(adapter, model, units, removed)
         expected -= removed_params(adapter, model, plan)
         times["score_s"] = time.perf_counter() - t0
@@ -187,6 +190,18 @@ def prune_structured(
             summary["mlp_removed"] = f"{gone}/{width_before}"
             summary["mlp_ratio"] = gone / max(width_before, 1)
         times["shrink_s"] = time.perf_counter() - t0
+
+    # ---- hidden size (after heads/MLP, scored on the model as it now is)
+    if "hidden" in st.kinds:
+        t0 = time.perf_counter()
+        n = hid.check_hidden(adapter, model, st.ratio)
+        d = model.config.hidden_size
+        sc = hid.scores(adapter, model, st.criterion, calibration_batches, bs, st.seed, progress)
+        keep = sorted(torch.argsort(sc, descending=True, stable=True)[: d - n].tolist())
+        expected -= hid.removed_params(adapter, model, n)
+        hid.shrink_hidden(adapter, model, keep)
+        summary["hidden_removed"] = f"{n}/{d}"
+        times["hidden_s"] = time.perf_counter() - t0
 
     reason = why_not_stock(adapter, model)  # before finalize_config writes the new sizes
     summary["format"] = finalize_config(adapter, model)
@@ -220,6 +235,8 @@ def summary_lines(report: Report) -> list[str]:
         detail.append(f"heads removed {s['heads_removed']}")
     if "mlp_removed" in s:
         detail.append(f"MLP channels removed {s['mlp_removed']}")
+    if "hidden_removed" in s:
+        detail.append(f"hidden channels removed {s['hidden_removed']}")
     if s.get("removed_sublayers"):
         detail.append(f"sublayers removed {', '.join(s['removed_sublayers'])}")
     if s.get("removed_layers"):

@@ -62,12 +62,13 @@ def make_recovery(**fields) -> Recovery:
         raise PruneError(_one_sentence(e)) from None
 
 
-def pruning_masks(model: nn.Module) -> list[Mask]:
-    """The exact zeros of every block linear layer; PruneError when there are none (an unpruned model)."""
+def pruning_masks(model: nn.Module, structured: bool = False) -> list[Mask]:
+    """The exact zeros of every block linear layer; PruneError when there are none (an unpruned model), unless
+    ``structured``: a structurally pruned model lost whole rows and columns instead, so it may have no zeros."""
     adapter = adapter_for(model)
     flat = [t for block in target_layers(model, adapter) for t in block]
     masks = [(name, mod, mod.weight.detach() == 0) for name, mod in flat]
-    if not any(bool(m.any()) for _, _, m in masks):
+    if not structured and not any(bool(m.any()) for _, _, m in masks):
         raise PruneError(
             f"This {type(model).__name__} has no pruned weights (no zeros in its block layers); prune it first "
             "with `prunekit prune` or prunekit.prune() and recover the pruned model."
@@ -186,13 +187,15 @@ def recover(
     token_batches: torch.Tensor,
     *,
     teacher: nn.Module | None = None,
+    structured: bool = False,
     progress: bool = True,
 ) -> tuple[nn.Module, dict]:
     """Train the pruned ``model`` in place as ``recovery`` says; every pruned weight stays exactly zero.
 
     ``token_batches``: int64 token ids ``[n, seqlen]`` (e.g. :func:`prunekit.batches.calibration_batches`),
     cycled over in seeded mini-batches of ``recovery.batch_size``. ``teacher``: the dense model, needed by
-    method ``distill`` only. Returns ``(model, stats)`` with stats ``steps``, ``loss_first`` / ``loss_last``
+    method ``distill`` only. ``structured``: the model was structurally pruned (smaller shapes, maybe no zeros);
+    zeros it has are still kept, and a model without zeros is accepted. Returns ``(model, stats)`` with stats ``steps``, ``loss_first`` / ``loss_last``
     (mean training loss over the first / last 10% of steps), ``seconds`` and ``trainable_params``.
     """
     if isinstance(recovery, Recovery):
@@ -203,7 +206,7 @@ def recover(
         raise PruneError(f"recovery must be a Recovery or a dict of its fields, not {type(recovery).__name__}.")
     ids = _check_tokens(token_batches, model)
     _check_teacher(rec, teacher, model)
-    masks = pruning_masks(model)
+    masks = pruning_masks(model, structured)
 
     device = next(model.parameters()).device
     flags = [(p, p.requires_grad) for p in model.parameters()]
