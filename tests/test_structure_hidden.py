@@ -148,3 +148,16 @@ def test_cli_hidden_refusal_is_exit_2(tmp_path):
     r = run("prune", str(d), "--structure", "hidden", "--ratio", "0.25", "--criterion", "magnitude", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "Hidden-size pruning supports" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_hidden_gives_a_stock_model(tiny_dir, tmp_path):
+    from tests.test_cli import run
+
+    d, text = tiny_dir
+    out = tmp_path / "narrow"
+    r = run("prune", str(d), "--structure", "hidden", "--ratio", "0.25", "--criterion", "fluctuation", "--calib", str(text),
+            "--calib-samples", "8", "--seqlen", "32", "--eval-windows", "2", "--generations", "0", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "hidden channels removed 16/64" in r.stdout and "hidden size 48" in r.stdout
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert m.model.embed_tokens.weight.shape == (256, 48) and m.config.head_dim == 16

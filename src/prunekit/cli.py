@@ -229,7 +229,7 @@ def _stock_sizes(m) -> str:
     c, key = m.config, adapter_for(m).layout.intermediate_key
     kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     return (f"{c.num_attention_heads} heads, {kv} kv heads, MLP width {getattr(c, key, None) or 'default'} ({key}), "
-            f"{c.num_hidden_layers} layers")
+            f"hidden size {c.hidden_size}, {c.num_hidden_layers} layers")
 
 
 @app.command("eval")
