@@ -69,6 +69,8 @@ class TrainPruneConfig(BaseModel):
     rounds: int = Field(3, description="lottery: pruning rounds")
     rewind_step: int = Field(50, description="lottery: iteration whose weights survivors are rewound to")
     exclude: list[str] = Field(default_factory=list, description="fnmatch patterns of layers kept dense")
+    bn_recalibrate: bool = Field(True, description="channels: re-estimate BatchNorm statistics on 20 training "
+                                                   "batches after the last training phase")
 
     @model_validator(mode="after")
     def _check(self):
@@ -241,6 +243,28 @@ def train_epochs(model: nn.Module, data: dict, epochs: int, cfg: TrainPruneConfi
     return step
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: dict, batches: int = 20, batch_size: int = 128, seed: int = 0) -> nn.Module:
+    """Re-estimate BatchNorm running statistics as plain averages over ``batches`` training batches (weights
+    untouched). Needed after channel removal or a short fine-tune of a network whose BatchNorm momentum is small
+    (EfficientNet's 0.01): otherwise evaluation uses statistics of the network before pruning."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return model
+    was = model.training
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    for x, _ in batches_of(data, batches, batch_size, seed):
+        model(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.train(was)
+    return model
+
+
 def reinitialize(model: nn.Module, seed: int) -> nn.Module:
     """Fresh random weights for every module that has ``reset_parameters`` (the "from scratch" control)."""
     torch.manual_seed(seed)
@@ -350,6 +374,8 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
             info["channels"] = prune_channels(model, example, 0.0, "magnitude", ratio_dict=ratios, ignore=ignore_dense)
             train_epochs(model, data, cfg.epochs + cfg.finetune_epochs, cfg, None, "train", hist, progress=progress,
                          seed=cfg.seed)
+        if cfg.bn_recalibrate:
+            recalibrate_bn(model, data, 20, cfg.batch_size, cfg.seed)
     elif cfg.schedule == "oneshot":
         train_epochs(model, data, cfg.epochs, cfg, None, "dense", hist, progress=progress, seed=cfg.seed)
         info["dense_acc"] = evaluate(model, data["x_test"], data["y_test"])
