@@ -252,3 +252,21 @@ def test_masks_state_roundtrip():
     m = Masks({"a": torch.rand(3, 4) > 0.5})
     back = Masks.from_state(m.state())
     assert torch.equal(back["a"], m["a"])
+
+
+def test_bn_recalibration_uses_plain_averages_of_training_batches():
+    from prunekit.vision.train import batches_of, recalibrate_bn
+
+    torch.manual_seed(0)
+    data = load_data("synthetic", 256, 32)
+    model = SmallCNN(10, 4).eval()
+    bn = model.features[1]
+    bn.momentum = 0.01
+    bn.running_mean.fill_(5.0)
+    means = []
+    h = model.features[0].register_forward_hook(lambda m, i, o: means.append(o.mean((0, 2, 3))))
+    recalibrate_bn(model, data, batches=4, batch_size=64)
+    h.remove()
+    assert len(means) == 4
+    assert torch.allclose(bn.running_mean, torch.stack(means).mean(0), atol=1e-5)
+    assert bn.momentum == 0.01 and not model.training  # settings restored
