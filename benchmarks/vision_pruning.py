@@ -153,6 +153,13 @@ def effnet_part(args) -> dict:
     macs, params = count_macs(dense, x1), sum(p.numel() for p in dense.parameters())
     res = {"photos": names, "dense": {"params": params, "macs": macs, "latency_ms": 1000 * latency(dense, x1),
                                       "top1": dense_top1.tolist()}}
+    res["small_ratios"] = {}
+    for ratio in (0.05, 0.1):  # how fast agreement falls without any data or training
+        for crit in ("magnitude", "l1"):
+            m = copy.deepcopy(dense)
+            prune_channels(m, x1, ratio, crit)
+            with torch.no_grad():
+                res["small_ratios"][f"{crit}@{ratio}"] = float((m(photos).argmax(1) == dense_top1).float().mean())
     data = load_data("fashion-mnist", args.effnet_train, args.effnet_test, 0, image_size=64, rgb=True)
     cfg = make_config(model="efficientnet-lite0", lr=0.02, batch_size=64, seed=0)
     for ratio in (0.0, 0.3, 0.5):
@@ -168,6 +175,26 @@ def effnet_part(args) -> dict:
                           "top1": top1.tolist(), "agreement": float((top1 == dense_top1).float().mean()),
                           "dense_top1_in_top5": float((top5 == dense_top1[:, None]).any(1).float().mean()),
                           "verify_max_abs_diff": rep["verify_max_abs_diff"]})
+            # BatchNorm statistics re-estimated on the even-numbered photos (16 random crops/flips of each), top-1
+            # agreement on the odd-numbered photos, which the re-estimation never saw
+            held = list(range(1, len(photos), 2))
+            calib = photos[0::2]
+            g = torch.Generator().manual_seed(0)
+            aug = []
+            for img in calib:
+                for _ in range(16):
+                    sc = int(torch.randint(160, 225, (1,), generator=g))
+                    top, left = (int(torch.randint(0, 225 - sc, (1,), generator=g)) for _ in range(2))
+                    crop = img[:, top:top + sc, left:left + sc][None]
+                    crop = torch.nn.functional.interpolate(crop, size=(224, 224), mode="bilinear", align_corners=False)
+                    aug.append(crop.flip(-1) if bool(torch.rand(1, generator=g) < 0.5) else crop)
+            aug = torch.cat(aug)
+            m3 = copy.deepcopy(m)
+            recalibrate_bn(m3, {"x_train": aug, "y_train": torch.zeros(len(aug), dtype=torch.long)}, 4, 32)
+            with torch.no_grad():
+                entry["agreement_heldout_no_recal"] = float((m(photos[held]).argmax(1) == dense_top1[held]).float().mean())
+                entry["agreement_heldout_bn_recal"] = float((m3(photos[held]).argmax(1) == dense_top1[held]).float().mean())
+                entry["heldout_photos"] = [names[i] for i in held]
             for crit in ("bn-scale", "lamp"):  # other data-free group criteria: agreement only, no fine-tuning
                 m2 = copy.deepcopy(dense)
                 prune_channels(m2, x1, ratio, crit)
@@ -245,8 +272,18 @@ def write(rows, eff, args, times):
                 lines.append(f"| {k} (group L2) | {e['params']:,} | {e['macs'] / 1e6:.0f}M | {e['latency_ms']:.1f} | "
                              f"{e.get('agreement', 1.0):.2f} | {e.get('dense_top1_in_top5', 1.0):.2f} | "
                              f"{e.get('fashion_acc', float('nan')):.4f} |")
+        if eff.get("small_ratios"):
+            lines += ["", "Top-1 agreement on the photos at smaller ratios (no data, no training): " +
+                      ", ".join(f"{k.split('@')[0]} {float(k.split('@')[1]):.0%}: {v:.2f}" for k, v in eff["small_ratios"].items()), ""]
+            lines.append("| model | params | MACs (224) | latency ms | top-1 agreement with dense | dense top-1 in top-5 | "
+                         "Fashion-MNIST acc after fine-tune |")
+            lines.append("|---|---|---|---|---|---|---|")
         for k in ("pruned_30", "pruned_50"):
             e = eff.get(k)
+            if e and "agreement_heldout_bn_recal" in e:
+                lines.append(f"| {k} (group L2) + BN statistics from the other photos | same | same | same | "
+                             f"{e['agreement_heldout_bn_recal']:.2f} on {len(e['heldout_photos'])} held-out photos "
+                             f"(without: {e['agreement_heldout_no_recal']:.2f}) | - | - |")
             for crit in ("bn-scale", "lamp"):
                 if e and f"agreement_{crit}" in e:
                     lines.append(f"| {k} ({crit}) | same | same | same | {e[f'agreement_{crit}']:.2f} | "
