@@ -123,6 +123,7 @@ def train_cmd(
     subset: Annotated[Optional[Path], typer.Option(help="subset file from `prunekit data select` (default: all examples)")] = None,
     distill: Annotated[bool, typer.Option("--distill", help="distill from a teacher trained on the full data")] = False,
     epochs: Annotated[int, typer.Option(help="training epochs over the subset")] = 5,
+    steps: Annotated[Optional[int], typer.Option(help="train a fixed number of steps instead of --epochs (same compute for every subset size)")] = None,
     teacher_epochs: Annotated[Optional[int], typer.Option(help="teacher epochs on the full data (default: --epochs)")] = None,
     model: Annotated[str, typer.Option(help="auto (cnn for images, mlp otherwise) | cnn | mlp | linear")] = "auto",
     temperature: Annotated[float, typer.Option(help="distillation temperature")] = 4.0,
@@ -155,10 +156,13 @@ def train_cmd(
     elif has_test_split(dataset) and split == "train":
         test_ds = _load(dataset, "test", text_column, label_column, labels, image_size)
     kind = model if model != "auto" else ("cnn" if ds.kind == "image" else "mlp")
-    cfg = TrainConfig(model=kind, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature, alpha=alpha)
-    tcfg = TrainConfig(**{**cfg.__dict__, "epochs": teacher_epochs or epochs})
+    if steps is not None and steps < 1:
+        raise PruneError(f"--steps must be at least 1, got {steps}.")
+    cfg = TrainConfig(model=kind, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
+                      alpha=alpha, steps=steps)
+    tcfg = TrainConfig(**{**cfg.__dict__, "epochs": teacher_epochs or epochs, "steps": None})
     n_keep = len(ds) if keep is None else len(keep)
-    _say(f"training a {kind} on {n_keep:,} of {len(ds):,} examples for {epochs} epochs"
+    _say(f"training a {kind} on {n_keep:,} of {len(ds):,} examples for " + (f"{steps} steps" if steps else f"{epochs} epochs")
          + (f", distilled from a teacher trained on all of them ({tcfg.epochs} epochs)" if distill else "") + " ...")
     res = train_subset(ds, keep, cfg, test=test_ds, distill=distill, teacher_cfg=tcfg, progress=True)
     res.pop("model")

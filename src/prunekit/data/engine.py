@@ -4,8 +4,9 @@ Two primitives, both deterministic and ordered so that the engines give the same
 
 * ``map_rows(fn, n, payload, *args)``: ``fn(payload, idx, *args)`` returns a dict of arrays with one row per
   index; the rows come back in index order (embedding, per-example scoring, k-means assignment).
-* ``map_blocks(fn, n, payload, *args)``: ``fn`` returns one summary row per block (k-means partial sums);
-  the summaries come back in block order, to be reduced by the caller.
+* ``map_blocks(fn, n, payload, *args)``: ``fn`` returns one summary per block (k-means partial sums); the
+  summaries come back in block order, to be reduced by the caller (on Ray: one task per block, since a
+  k-means needs many short passes).
 * ``run_tasks(fn, args_list)``: independent tasks (one short training run per seed), results in order.
 
 With Ray, the payload is put in the object store once and read zero-copy by the workers; rows are a
@@ -90,6 +91,10 @@ def _ray_batch(batch, fn, ref, args, per_row):
     return res
 
 
+def _ray_block(fn, payload, start, stop, args):
+    return fn(payload, np.arange(start, stop), *args)
+
+
 class RayEngine:
     name = "ray"
 
@@ -110,6 +115,10 @@ class RayEngine:
                     ray.init(num_cpus=num_cpus, **kw)
             except Exception as e:  # a wrong address, a dead cluster
                 raise PruneError(f"Cannot start or reach Ray ({type(e).__name__}: {e}); check --ray-address.") from e
+        self._block_task = None
+        import logging
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.execution_options.preserve_order = True
@@ -132,9 +141,13 @@ class RayEngine:
         return self._run(fn, n, payload, args, True)
 
     def map_blocks(self, fn, n, payload, *args):
-        cols = self._run(fn, n, payload, args, False)
-        m = len(next(iter(cols.values()))) if cols else 0
-        return [{k: v[i] for k, v in cols.items()} for i in range(m)]
+        # many short passes (k-means iterations): plain Ray tasks over the same blocks, no per-pass pipeline
+        if self._block_task is None:
+            self._block_task = self.ray.remote(num_cpus=1)(_ray_block)
+        starts = range(0, n, self.block_size)
+        args_ref = self.ray.put(args)
+        return self.ray.get([self._block_task.remote(fn, payload, s, min(n, s + self.block_size), args_ref)
+                             for s in starts])
 
     def run_tasks(self, fn, args_list, progress: str | None = None):
         task = self.ray.remote(num_cpus=1)(_with_threads)

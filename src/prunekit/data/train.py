@@ -89,6 +89,7 @@ class TrainConfig:
     seed: int = 0
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the distillation term when a teacher is given
+    steps: int | None = None  # a fixed number of optimizer steps instead of epochs (the same compute for any subset size)
 
 
 class Standardize(nn.Module):
@@ -125,7 +126,8 @@ def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, *,
     mean, std = _stats(stats_from if stats_from is not None else x)
     model = Standardize(mean, std, build_model(cfg.model, x, num_classes, cfg.width))
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
-    total = max(1, cfg.epochs * steps_per_epoch)
+    total = max(1, cfg.steps if cfg.steps else cfg.epochs * steps_per_epoch)
+    epochs = math.ceil(total / steps_per_epoch)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
     bar = None
@@ -134,9 +136,13 @@ def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, *,
 
         bar = tqdm(total=total, desc="training", unit="step", leave=False)
     model.train()
-    for epoch in range(cfg.epochs):
+    done = 0
+    for epoch in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for s in range(steps_per_epoch):
+            if done == total:
+                break
+            done += 1
             idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             logits = model(x[idx])
             loss = F.cross_entropy(logits, y[idx])
