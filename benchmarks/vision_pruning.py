@@ -248,6 +248,12 @@ def write(rows, eff, args, times):
             v = by.get(s, [])
             cells.append(f"{statistics.mean(v):.4f} ± {statistics.pstdev(v):.4f}" if v else "-")
         lines.append(f"| {sched} | {meth} | " + " | ".join(cells) + " |")
+    lines += ["", f"Training budgets (epochs over the {args.train_subset} images): dense {args.dense_epochs}; oneshot = the "
+              f"dense model + {args.finetune_epochs} fine-tune; at-init, gradual and scratch "
+              f"{args.dense_epochs + args.finetune_epochs} from initialization; lottery round r (r = 1..5 for 50..98%) "
+              f"= the dense model + r x {args.dense_epochs} epochs after rewinding, i.e. NOT compute-matched: at 98% it "
+              f"has trained {args.dense_epochs * 6} epochs in all. The dense model itself is short-trained "
+              f"({args.dense_epochs} epochs), so schedules that train longer gain from that too."]
     # collapse check at 98%
     lines += ["", "Layer collapse at 98% (oneshot magnitude, before fine-tuning):", ""]
     for meth in ("magnitude/global", "magnitude/global-min", "magnitude/lamp", "magnitude/uniform"):
@@ -301,8 +307,8 @@ def write(rows, eff, args, times):
     for i, ((sched, meth), by) in enumerate(groups.items()):
         m = [statistics.mean(by[s]) if s in by else float("nan") for s in SPARSITIES]
         e = [statistics.pstdev(by[s]) if s in by else 0 for s in SPARSITIES]
-        ax.errorbar(xs, m, yerr=e, marker="o", capsize=3, label=f"{sched}: {meth}",
-                    linestyle="-" if sched == "oneshot" else "--", color=f"C{i % 10}")
+        ax.errorbar(xs, m, yerr=e, marker="os^Dv<>ph*XP"[i % 12], capsize=3, label=f"{sched}: {meth}",
+                    linestyle="-" if sched == "oneshot" else "--", color=plt.get_cmap("tab20")(i % 20))
     ax.axhline(statistics.mean(dense), color="k", linewidth=0.8, label="dense")
     ax.set_xticks(xs, [f"{s:.0%}" for s in SPARSITIES])
     ax.set_xlabel("sparsity of conv/linear weights")
