@@ -251,9 +251,9 @@ def write(rows, eff, args, times):
     lines += ["", f"Training budgets (epochs over the {args.train_subset} images): dense {args.dense_epochs}; oneshot = the "
               f"dense model + {args.finetune_epochs} fine-tune; at-init, gradual and scratch "
               f"{args.dense_epochs + args.finetune_epochs} from initialization; lottery round r (r = 1..5 for 50..98%) "
-              f"= the dense model + r x {args.dense_epochs} epochs after rewinding, i.e. NOT compute-matched: at 98% it "
-              f"has trained {args.dense_epochs * 6} epochs in all. The dense model itself is short-trained "
-              f"({args.dense_epochs} epochs), so schedules that train longer gain from that too."]
+              f"retrains {args.dense_epochs} epochs from the weights rewound to iteration {args.rewind_step}, after r - 1 "
+              f"earlier rounds: NOT compute-matched, the 98% ticket cost {args.dense_epochs * 6} epochs in all. The dense "
+              f"model is short-trained ({args.dense_epochs} epochs), so at 50% several schedules beat it."]
     # collapse check at 98%
     lines += ["", "Layer collapse at 98% (oneshot magnitude, before fine-tuning):", ""]
     for meth in ("magnitude/global", "magnitude/global-min", "magnitude/lamp", "magnitude/uniform"):
