@@ -1,6 +1,6 @@
 """Forgetting events (Toneva et al. 2019): how often an example goes from correctly to incorrectly classified
 between two presentations during training (minibatch predictions). Examples never learned count as the most
-forgotten (epochs + 1, as in the paper's ranking). Summed over ``seeds`` runs of ``epochs``."""
+forgotten (epochs + 1, as in the paper's ranking). Averaged over ``seeds`` runs of ``epochs``."""
 
 import numpy as np
 import torch
@@ -28,7 +28,6 @@ def _task(x, y, num_classes, tcfg):
 
 def score(ds, cfg, engine=None, progress=False):
     epochs = 6 if cfg.epochs is None else cfg.epochs
-    seeds = max(1, cfg.seeds)
     runs = run_seeds(_task, ds, cfg, engine, epochs, progress, "forgetting")
     # ties are many (integer counts): the mean over runs breaks some of them
-    return ScoreResult("forgetting", np.asarray(runs).mean(0), info={"epochs": epochs, "runs": seeds})
+    return ScoreResult("forgetting", np.asarray(runs).mean(0), info={"epochs": epochs, "runs": len(runs)})
