@@ -1,6 +1,6 @@
 """Recovery of structurally pruned SmolLM2-135M: perplexity and top-1 agreement with the dense model before and
-after a short distillation (KL to the dense model + LM loss, LoRA rank 8 + norms + biases, merged afterwards),
-and the pruned model's measured prefill speed-up (batch 8, 256 tokens, paired with the dense model).
+after a short distillation (KL to the dense model + LM loss, LoRA rank 8 + norms + biases, merged afterwards).
+The pruned models' speed is measured by benchmarks/llm_structured.py (same configurations, same data).
 
 Same data as benchmarks/llm_structured.py: calibration 32 x 256 tokens, recovery on 128 x 256 tokens of the
 calibration plays (seed 1), evaluation 16 x 256 tokens of the held-out plays. Writes
@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -28,8 +27,6 @@ from prunekit.evaluate import agreement, score_windows
 from prunekit.structure import count_params
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from llm_structured import paired_prefill  # noqa: E402
 
 CONFIGS = [
     ("heads+mlp 30% FLAP (global + bias comp.)", {"kinds": ["heads", "mlp"], "ratio": 0.3, "criterion": "fluctuation",
@@ -64,25 +61,23 @@ def main() -> None:
                                     structured=True, progress=True)
         minutes = (time.perf_counter() - t0) / 60
         ppl1, pred1 = score_windows(m, windows)
-        sp = paired_prefill(model, m, 8, 256, 5, model.config.vocab_size)
         row = {"config": label, "params": count_params(m), "format": rep.summary["format"],
                "ppl_before": ppl0, "agree_before": agreement(dense_pred, pred0),
-               "ppl_after": ppl1, "agree_after": agreement(dense_pred, pred1), "minutes": minutes,
-               "speedup_b8": sp["speedup"], "recovery": rec}
+               "ppl_after": ppl1, "agree_after": agreement(dense_pred, pred1), "minutes": minutes, "recovery": rec}
         rows.append(row)
         print(f"{label:<42} ppl {ppl0:8.2f} -> {ppl1:8.2f}  agree {row['agree_before']:.3f} -> {row['agree_after']:.3f}  "
-              f"{minutes:.2f} min  b8 {sp['speedup']:.2f}x", flush=True)
+              f"{minutes:.2f} min", flush=True)
     lines = [
         f"SmolLM2-135M (dense perplexity {dense_ppl:.2f}); recovery {args.method}, {args.steps} steps of 4 x 256 tokens, "
         f"lr 5e-4, LoRA rank 8; {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{args.threads} threads.",
         "",
-        "| config | params | saved as | ppl pruned | ppl recovered | agreement pruned | agreement recovered | recovery min | prefill speed-up b8 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | params | saved as | ppl pruned | ppl recovered | agreement pruned | agreement recovered | recovery min |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['format']} | {r['ppl_before']:.2f} | {r['ppl_after']:.2f} | "
-                     f"{r['agree_before']:.3f} | {r['agree_after']:.3f} | {r['minutes']:.2f} | {r['speedup_b8']:.2f} |")
+                     f"{r['agree_before']:.3f} | {r['agree_after']:.3f} | {r['minutes']:.2f} |")
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(args.out)
