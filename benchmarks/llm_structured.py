@@ -158,6 +158,33 @@ def device_check() -> None:
               flush=True)
 
 
+def speed_check(model, calib, seqlen: int, runs: int, vocab: int, n_layers: int, out: Path) -> None:
+    """The issue's two speed targets measured with many pairs: median speed-up and its quartiles."""
+    cases = [("heads+mlp 50% fluctuation + bias comp.", {"kinds": ["heads", "mlp"], "ratio": 0.5, "bias_compensation": True}, 1.7),
+             (f"blocks 25% ({int(0.25 * n_layers + 0.5)} of {n_layers})", {"remove_layers": int(0.25 * n_layers + 0.5)}, 1.3)]
+    lines = [f"Speed targets, {runs} dense/pruned pairs per batch size, {seqlen}-token prefill, torch threads "
+             f"{torch.get_num_threads()}, {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}.", "",
+             "| config | batch | median speed-up | quartiles | target | met |", "|---|---|---|---|---|---|"]
+    for label, st, target in cases:
+        m, _ = prunekit.prune(copy.deepcopy(model), {"structure": st}, calib, progress=False)
+        for b in (1, 8):
+            ids = torch.randint(0, vocab, (b, seqlen), generator=torch.Generator().manual_seed(0))
+            td, tp = _timer(model, ids), _timer(m, ids)
+            with torch.no_grad():
+                td(), tp()
+                ratios = sorted(d / p for d, p in ((td(), tp()) for _ in range(runs)))
+            q = statistics.quantiles(ratios, n=4)
+            med = statistics.median(ratios)
+            lines.append(f"| {label} | {b} | {med:.2f} | {q[0]:.2f}-{q[2]:.2f} | {target} | {'yes' if med >= target else 'no'} |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    path = out.parent / (out.name + "_speed.md")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    print("\n" + text)
+
+
 def main() -> None:
     if "--device-check" in sys.argv:
         device_check()
@@ -167,6 +194,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny random Llama instead of SmolLM2 (a smoke test)")
     ap.add_argument("--greedy", action="store_true", help="also FinerCut greedy sublayer rows (slow)")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--speed-check", action="store_true",
+                    help="only the two speed targets (50%% heads+mlp, 25%% blocks), with --runs pairs (e.g. 21)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -194,6 +223,9 @@ def main() -> None:
         out["loadavg"] = os.getloadavg()[0]
         return out
 
+    if args.speed_check:
+        speed_check(model, calib, seqlen, args.runs, vocab, n_layers, out)
+        return
     dense_params = count_params(model)
     dense_ppl = perplexity(model, windows)
     print(f"dense: ppl {dense_ppl:.2f}  params {dense_params:,}", flush=True)
