@@ -57,6 +57,15 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=sorted(alphabet)[1])
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (small trainings are faster and deterministic that way)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

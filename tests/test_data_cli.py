@@ -17,11 +17,8 @@ from prunekit.errors import PruneError
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    """Data tests train small models: one torch thread (tests/conftest.py)."""
 
 
 def cli(monkeypatch, capsys, *args):

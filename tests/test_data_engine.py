@@ -15,11 +15,8 @@ from prunekit.errors import PruneError
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    """Data tests train small models: one torch thread (tests/conftest.py)."""
 
 
 def test_kmeans_finds_planted_clusters_and_matches_sklearn_objective():

@@ -12,11 +12,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    """Data tests train small models: one torch thread (tests/conftest.py)."""
 
 
 def test_fashion_mnist_loads_and_trains():

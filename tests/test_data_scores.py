@@ -14,11 +14,8 @@ PLANT = 60
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    """Data tests train small models: one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
