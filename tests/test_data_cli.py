@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from prunekit.data import load_dataset, load_keep, load_scores
 from prunekit.errors import PruneError

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from prunekit.data import ScoreConfig, load_dataset, score
 from prunekit.data.clusters import kmeans

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from prunekit.data import ScoreConfig, load_dataset, score, select
 
