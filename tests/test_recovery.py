@@ -298,6 +298,9 @@ def test_cli_ctrl_c_exits_130_and_writes_nothing(pruned_dir, tmp_path):
         [sys.executable, "-m", "prunekit.cli", "recover", str(src), "--steps", "100000", "--text", str(text),
          "--samples", "8", "--seqlen", "32", "--eval-text", "none", "--out", str(out)],
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ONE_THREAD,
+        # a shell without job control starts background jobs with SIGINT ignored, and children inherit that:
+        # give the CLI the default disposition, as a terminal's Ctrl-C would find it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in p.stderr:
         if line.startswith("training"):
