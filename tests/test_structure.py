@@ -451,6 +451,8 @@ def test_impossible_requests_fail_before_any_change(structure, phrase, calib_ids
     ({"structure": {"kinds": ["mlp"], "ratio": 0.3}, "sparsity": 0.6}, "replaces sparsity pruning"),
     ({"structure": {"remove_layers": 1, "remove_sublayers": 1}}, "not both"),
     ({"structure": {}}, "nothing to remove"),
+    ({"structure": {"kinds": ["hidden"], "ratio": 0.25, "global_rank": True}}, "global_rank ranks heads or MLP"),
+    ({"structure": {"kinds": ["hidden"], "ratio": 0.25, "bias_compensation": True}}, "bias_compensation needs"),
 ])
 def test_recipe_structure_section_is_validated(fields, phrase):
     with pytest.raises(prunekit.PruneError, match=phrase.replace("[", r"\[").replace(")", r"\)").replace("(", r"\(")):

@@ -12,6 +12,8 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prunekit.errors import PruneError
@@ -45,9 +47,7 @@ def _versions() -> dict:
 
 def save(model, tokenizer, out: str | Path, manifest: dict | None = None, overwrite: bool = False) -> Path:
     out = check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if getattr(getattr(model, "config", None), "prunekit_layer_sizes", None) is not None:
             from prunekit.structure.saved import mark_config_file
@@ -57,6 +57,18 @@ def save(model, tokenizer, out: str | Path, manifest: dict | None = None, overwr
             tokenizer.save_pretrained(tmp)
         data = {"versions": _versions(), **(manifest or {})}
         (tmp / MANIFEST).write_text(json.dumps(data, indent=2, default=str))
+    return out
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to fill; on success it replaces ``out`` (an existing one is moved
+    aside first, then deleted), on any exception (Ctrl-C included) it is removed and ``out`` is untouched."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -67,7 +79,6 @@ def save(model, tokenizer, out: str | Path, manifest: dict | None = None, overwr
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def read_manifest(path: str | Path) -> dict | None:

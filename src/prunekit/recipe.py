@@ -172,6 +172,8 @@ class Structure(BaseModel):
             raise ValueError(f"pruning {','.join(self.kinds)} needs a ratio in (0, 1)")
         if self.ratio > 0 and not self.kinds:
             raise ValueError("ratio needs kinds to prune: heads, mlp, hidden")
+        if self.global_rank and not self.width_kinds:
+            raise ValueError("global_rank ranks heads or MLP channels; hidden-size pruning is one choice for all layers")
         if self.bias_compensation and not self.width_kinds:
             raise ValueError("bias_compensation needs heads or mlp pruning")
         if not self.kinds and not self.remove_layers and not self.remove_sublayers:

@@ -11,9 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -445,12 +442,12 @@ def save_run(out: str | Path, model: nn.Module, cfg: TrainPruneConfig, masks: Ma
     prunekit.json (recipe, metrics, tensor shapes for rebuilding), curves.json, curves.png."""
     from safetensors.torch import save_file
 
+    from prunekit.io import atomic_dir
+
     out = Path(out)
     if out.exists() and not overwrite:
         raise PruneError(f"Output {out} already exists; choose another --out or pass --overwrite.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         if masks is not None:
             tensors.update(masks.state())
@@ -466,16 +463,6 @@ def save_run(out: str | Path, model: nn.Module, cfg: TrainPruneConfig, masks: Ma
         (tmp / "prunekit.json").write_text(json.dumps(manifest, indent=2, default=float))
         (tmp / "curves.json").write_text(json.dumps(info.get("history", []), indent=2))
         _plot_curves(info.get("history", []), tmp / "curves.png", f"{cfg.model} {cfg.method}/{cfg.allocation} {cfg.schedule}")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
