@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.batches import calibration_batches, evaluation_windows, tokenize
+from prunekit.batches import bos_id, calibration_batches, evaluation_windows, tokenize
 from prunekit.evaluate import perplexity
 
 HERE = Path(__file__).resolve().parent
@@ -51,8 +51,9 @@ def main() -> None:
     args = ap.parse_args()
 
     model, tok = prunekit.load_model(args.model)
-    calib = calibration_batches(tokenize(tok, prunekit.load_text("shakespeare", "calibration")), args.samples, args.seqlen)
-    windows = evaluation_windows(tokenize(tok, prunekit.load_text("shakespeare", "evaluation")), args.seqlen, args.eval_windows)
+    bos = bos_id(tok)  # windows start with BOS when the tokenizer adds one (SmolLM2: no)
+    calib = calibration_batches(tokenize(tok, prunekit.load_text("shakespeare", "calibration")), args.samples, args.seqlen, bos=bos)
+    windows = evaluation_windows(tokenize(tok, prunekit.load_text("shakespeare", "evaluation")), args.seqlen, args.eval_windows, bos=bos)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     peers = None

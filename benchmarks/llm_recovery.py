@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.batches import calibration_batches, evaluation_windows, tokenize
+from prunekit.batches import bos_id, calibration_batches, evaluation_windows, tokenize
 from prunekit.evaluate import agreement, score_windows
 from prunekit.train.recovery import recover
 
@@ -60,9 +60,10 @@ def main() -> None:
     args = ap.parse_args()
 
     model, tok = prunekit.load_model("smollm2-135m")
-    calib = calibration_batches(tokenize(tok, prunekit.load_text("shakespeare", "calibration")), 32, 256)
-    train = calibration_batches(tokenize(tok, prunekit.load_text("shakespeare", "calibration")), 128, 256, seed=1)
-    windows = evaluation_windows(tokenize(tok, prunekit.load_text("shakespeare", "evaluation")), 256, 16)
+    bos = bos_id(tok)  # windows start with BOS when the tokenizer adds one (SmolLM2: no)
+    calib = calibration_batches(tokenize(tok, prunekit.load_text("shakespeare", "calibration")), 32, 256, bos=bos)
+    train = calibration_batches(tokenize(tok, prunekit.load_text("shakespeare", "calibration")), 128, 256, seed=1, bos=bos)
+    windows = evaluation_windows(tokenize(tok, prunekit.load_text("shakespeare", "evaluation")), 256, 16, bos=bos)
     teacher = copy.deepcopy(model).eval()
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     dense_ppl, dense_pred = score_windows(model, windows)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.batches import calibration_batches, evaluation_windows, tokenize
+from prunekit.batches import bos_id, calibration_batches, evaluation_windows, tokenize
 from prunekit.evaluate import perplexity
 from prunekit.structure import count_params
 
@@ -210,8 +210,9 @@ def main() -> None:
         model, tok = prunekit.load_model("smollm2-135m")
         name, seqlen, samples = "SmolLM2-135M", 256, 32
     out = Path(args.out or HERE / "results" / ("llm_structured_tiny" if args.tiny else "llm_structured"))
-    calib = calibration_batches(tokenize(tok, prunekit.load_text("shakespeare", "calibration")), samples, seqlen)
-    windows = evaluation_windows(tokenize(tok, prunekit.load_text("shakespeare", "evaluation")), seqlen, 16)
+    bos = bos_id(tok)  # windows start with BOS when the tokenizer adds one (SmolLM2: no)
+    calib = calibration_batches(tokenize(tok, prunekit.load_text("shakespeare", "calibration")), samples, seqlen, bos=bos)
+    windows = evaluation_windows(tokenize(tok, prunekit.load_text("shakespeare", "evaluation")), seqlen, 16, bos=bos)
     vocab = model.config.vocab_size
     n_layers = model.config.num_hidden_layers
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.batches import calibration_batches, evaluation_windows, tokenize
+from prunekit.batches import bos_id, calibration_batches, evaluation_windows, tokenize
 from prunekit.evaluate import agreement, score_windows
 from prunekit.structure import count_params
 
@@ -46,9 +46,10 @@ def main() -> None:
 
     model, tok = prunekit.load_model("smollm2-135m")
     cal = tokenize(tok, prunekit.load_text("shakespeare", "calibration"))
-    calib = calibration_batches(cal, 32, 256)
-    train = calibration_batches(cal, 128, 256, seed=1)
-    windows = evaluation_windows(tokenize(tok, prunekit.load_text("shakespeare", "evaluation")), 256, 16)
+    bos = bos_id(tok)  # windows start with BOS when the tokenizer adds one (SmolLM2: no)
+    calib = calibration_batches(cal, 32, 256, bos=bos)
+    train = calibration_batches(cal, 128, 256, seed=1, bos=bos)
+    windows = evaluation_windows(tokenize(tok, prunekit.load_text("shakespeare", "evaluation")), 256, 16, bos=bos)
     dense_ppl, dense_pred = score_windows(model, windows)
     print(f"dense ppl {dense_ppl:.2f}", flush=True)
     rec = {"method": args.method, "steps": args.steps, "lr": 5e-4}

@@ -55,3 +55,13 @@ def test_smollm2_wanda_sparsegpt_real(smol, tmp_path):
     sgpt24 = prunekit.evaluate(model, ev)["perplexity"]
     # the literature's ordering at 50%: data-aware methods far ahead of magnitude
     assert wanda < magnitude and sgpt24 < magnitude, (wanda, sgpt24, magnitude)
+
+
+def test_smollm2_windows_have_no_bos(smol):
+    """SmolLM2's tokenizer adds no begin-of-sequence token (its bos is the chat marker), so windows stay plain."""
+    from prunekit.batches import bos_id
+
+    _model, tok, _cal, ev = smol
+    assert tok.bos_token_id is not None and bos_id(tok) is None
+    plain = evaluation_windows(tokenize(tok, prunekit.load_text("shakespeare", "evaluation")), 256, 8, bos=bos_id(tok))
+    assert torch.equal(plain, ev) and not bool((ev[:, 0] == tok.bos_token_id).any())

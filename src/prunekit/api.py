@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from prunekit import allocate
-from prunekit.arch import adapter_for, target_layers
+from prunekit.arch import adapter_for, target_layers, untargeted_weights
+from prunekit.batches import starts_with_bos
 from prunekit.calibrate import run_sequential
 from prunekit.errors import PruneError
 from prunekit.evaluate import agreement, greedy, layer_sparsity, perplexity, prompts_from, score_windows, size_summary
@@ -87,6 +88,21 @@ def _allocate(recipe, model, adapter, per_block, flat, method, batches, device, 
     return dict(zip(names, counts))
 
 
+def _record_bos(model: nn.Module, recipe: Recipe, batches) -> Recipe:
+    """The recipe as it is recorded: ``calibration.bos`` says whether the calibration windows start with BOS."""
+    if not (isinstance(batches, torch.Tensor) and batches.dim() == 2):
+        return recipe
+    bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+    used = starts_with_bos(batches, bos if isinstance(bos, int) else None)
+    if recipe.calibration.bos is not None and recipe.calibration.bos != used:
+        raise PruneError(
+            f"The recipe says calibration.bos {recipe.calibration.bos} but the calibration batches "
+            f"{'do' if used else 'do not'} start with the begin-of-sequence token; build them with "
+            "calibration_batches(..., bos=bos_id(tokenizer)) or drop calibration.bos."
+        )
+    return recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"bos": used})})
+
+
 def prune(
     model: nn.Module,
     recipe: Recipe | dict | None = None,
@@ -107,6 +123,7 @@ def prune(
         recipe = Recipe()
     elif isinstance(recipe, dict):
         recipe = Recipe.make(**recipe)
+    recipe = _record_bos(model, recipe, calibration_batches)
     if recipe.structure is not None:  # heads / MLP channels / layers removed for real (prunekit.structure)
         from prunekit.structure import prune_structured
 
@@ -170,6 +187,9 @@ def prune(
         sum(layers[n]["zeros"] for n, _ in block) / max(1, sum(layers[n]["params"] for n, _ in block))
         for block in per_block
     ]
+    dense = untargeted_weights(model, adapter)
+    if dense:  # say it: these weights are not pruned by any method (e.g. MoE experts stored as 3-D tensors)
+        report.summary["kept_dense"] = dense
     return model, report
 
 

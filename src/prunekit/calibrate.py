@@ -1,6 +1,8 @@
 """The sequential calibration engine, shared by every data-driven method.
 
-1. Capture the inputs of the first decoder block once (the model runs up to it and stops).
+1. Capture, once, the inputs of the first decoder block and the other arguments the model's own forward gives
+   every block (masks, rotary embeddings per layer type): the blocks are replaced by recorders, so this costs
+   about one embedding pass.
 2. Block by block: run the block on the captured inputs with hooks on its target layers; layers that read
    the same input tensor (q/k/v, gate/up) form one group and their statistic is collected once; hand each
    group to the method; then run the pruned block again so the next block sees pruned outputs.
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prunekit.errors import PruneError
 from prunekit.stats import STATS
 
 
@@ -26,54 +29,117 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """Per calibration chunk: the hidden states and the other arguments the block was called with."""
+    """What the blocks are called with, per calibration chunk.
+
+    ``hidden[c]``: the hidden states entering the current block for chunk ``c`` (the engine replaces them block
+    by block). ``args[b][c]`` / ``kwargs[b][c]``: every other argument the model's own forward passes block ``b``
+    for chunk ``c`` (attention masks, rotary embeddings, position ids, ...). Blocks of different types (sliding
+    vs global attention, their own rotary bases) get their own; tensors the model shares between blocks are the
+    same objects here, so they are stored once.
+    """
 
     hidden: list[torch.Tensor] = field(default_factory=list)
-    args: list[tuple] = field(default_factory=list)
-    kwargs: list[dict] = field(default_factory=list)
+    args: list[list[tuple]] = field(default_factory=list)
+    kwargs: list[list[dict]] = field(default_factory=list)
 
 
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+class _Recorder(nn.Module):
+    """Stands in for a block while the arguments are captured: records its call, returns its input unchanged.
+
+    Attribute reads the model's forward makes on the block (``attention_type``, ``layer_idx``, ...) go to the
+    real block.
+    """
+
+    def __init__(self, block: nn.Module, fn: Callable):
+        super().__init__()
+        object.__setattr__(self, "_real", block)
+        object.__setattr__(self, "_fn", fn)
+
+    def forward(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_real"), name)
+
+
+def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    kwargs = dict(kwargs)
+    if args:
+        return args[0], tuple(args[1:]), kwargs
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _passthrough(out) -> Callable[[torch.Tensor], object]:
+    """A function that returns its input shaped like a block's output ``out`` (a tensor, or a tuple led by it)."""
+    if isinstance(out, torch.Tensor):
+        return lambda h: h
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        rest, kind = tuple(out[1:]), type(out)
+        return lambda h: kind((h, *rest))
+    raise PruneError(f"A decoder block returned {type(out).__name__}; prunekit needs a tensor or a tuple led by one.")
 
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device) -> BlockInputs:
-    captured = BlockInputs()
+    """Run the model's own forward on every chunk with each block replaced by a recorder.
 
-    def hook(_mod, args, kwargs):
-        kwargs = dict(kwargs)
-        if args:
-            hidden, rest = args[0], tuple(args[1:])
-        else:
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        captured.hidden.append(hidden)
-        captured.args.append(rest)
-        captured.kwargs.append(kwargs)
-        raise _StopForward
+    Block 0's hidden input is kept, and for every block the other arguments exactly as the model passes them.
+    The blocks themselves do not run (the forward stops after the last block's call), except once per block
+    class on the first chunk, directly through ``forward`` (its own hooks do not fire), to learn what a block
+    returns so the recorder can hand the model the same shape.
+    """
+    device = torch.device(device)
+    n = len(blocks)
+    captured = BlockInputs(args=[[] for _ in range(n)], kwargs=[[] for _ in range(n)])
+    passthrough: dict[type, Callable] = {}
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    def make(bi: int, block: nn.Module) -> Callable:
+        def record(*args, **kwargs):
+            hidden, rest, kw = _split_call(args, kwargs)
+            if bi == 0:
+                captured.hidden.append(hidden)
+            captured.args[bi].append(rest)
+            captured.kwargs[bi].append(kw)
+            if bi == n - 1:
+                raise _StopForward  # nothing after the last block is needed
+            fn = passthrough.get(type(block))
+            if fn is None:
+                if device.type != "cpu":
+                    block.to(device)
+                fn = passthrough[type(block)] = _passthrough(block.forward(hidden, *rest, **kw))
+                if device.type != "cpu":
+                    block.to("cpu")
+            return fn(hidden)
+
+        return record
+
+    originals = list(blocks)
     try:
+        for bi, block in enumerate(originals):
+            blocks[bi] = _Recorder(block, make(bi, block))
         for chunk in input_ids.split(batch_size):
             try:
                 model(input_ids=chunk.to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for bi, block in enumerate(originals):
+            blocks[bi] = block
+    chunks = len(captured.hidden)
+    missing = [bi for bi in range(n) if len(captured.kwargs[bi]) != chunks]
+    if missing:
+        raise PruneError(
+            f"The model's forward did not call decoder block(s) {missing[:5]} once per batch; prunekit cannot "
+            "calibrate a model that skips or repeats blocks."
+        )
     return captured
 
 
-def _call_block(block: nn.Module, inputs: BlockInputs, i: int) -> torch.Tensor:
-    out = block(inputs.hidden[i], *inputs.args[i], **inputs.kwargs[i])
+def _call_block(block: nn.Module, inputs: BlockInputs, bi: int, i: int) -> torch.Tensor:
+    out = block(inputs.hidden[i], *inputs.args[bi][i], **inputs.kwargs[bi][i])
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -165,7 +231,7 @@ def run_sequential(
             dense_out = []
             for i in range(len(inputs.hidden)):
                 try:
-                    out = _call_block(block, inputs, i)
+                    out = _call_block(block, inputs, bi, i)
                     if not propagate:
                         dense_out.append(out)
                 except _StopForward:
@@ -186,7 +252,7 @@ def run_sequential(
         t0 = time.perf_counter()
         if propagate:
             for i in range(len(inputs.hidden)):
-                inputs.hidden[i] = _call_block(block, inputs, i)
+                inputs.hidden[i] = _call_block(block, inputs, bi, i)
         else:
             inputs.hidden = dense_out
         times["forward_s"] += time.perf_counter() - t0

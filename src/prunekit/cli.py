@@ -37,11 +37,14 @@ def zoo() -> None:
         print(f"  {name:<14} {desc}")
 
 
-def _load_windows(tok, text: str, split: str, seqlen: int, windows: int | None):
+def _load_windows(tok, text: str, split: str, seqlen: int, windows: int | None, bos: int | None):
     from prunekit.batches import evaluation_windows, tokenize
     from prunekit.zoo import load_text
 
-    return evaluation_windows(tokenize(tok, load_text(text, split)), seqlen, windows, what=f"text {text!r}")
+    return evaluation_windows(tokenize(tok, load_text(text, split)), seqlen, windows, what=f"text {text!r}", bos=bos)
+
+
+_BOS_HELP = "start every window with the begin-of-sequence token (default: as the tokenizer does)"
 
 
 @app.command()
@@ -58,6 +61,7 @@ def prune(
     per_layer: Annotated[Optional[str], typer.Option(help="list: comma-separated sparsity per decoder layer")] = None,
     gblm_alpha: Annotated[Optional[float], typer.Option(help="GBLM: weight of the gradient term (0 = Wanda)")] = None,
     calib_mode: Annotated[Optional[str], typer.Option(help="sequential (default) or one-pass")] = None,
+    bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help=_BOS_HELP)] = None,
     recover: Annotated[Optional[str], typer.Option("--recover", help="train after pruning: perp | lora | full | distill")] = None,
     recover_steps: Annotated[Optional[int], typer.Option(help="recovery optimizer steps")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="fnmatch pattern of layer names to keep dense; repeatable")] = None,
@@ -90,7 +94,7 @@ def prune(
     """
     from prunekit import api, io
     from prunekit.arch import adapter_for
-    from prunekit.batches import calibration_batches, tokenize
+    from prunekit.batches import calibration_batches, resolve_bos, tokenize
     from prunekit.recipe import Recipe
     from prunekit.zoo import load_text
 
@@ -112,7 +116,7 @@ def prune(
     if exclude:
         fields["exclude"] = list(exclude)
     cal = dict(fields.get("calibration", {}))
-    cal.update({k: v for k, v in {"text": calib, "samples": calib_samples, "seqlen": seqlen, "seed": seed, "mode": calib_mode}.items() if v is not None})
+    cal.update({k: v for k, v in {"text": calib, "samples": calib_samples, "seqlen": seqlen, "seed": seed, "mode": calib_mode, "bos": bos}.items() if v is not None})
     if cal:
         fields["calibration"] = cal
     if recover is not None or recover_steps is not None:
@@ -143,14 +147,16 @@ def prune(
 
         check(adapter_for(m), m, rec.structure)  # an impossible request fails here, before any work
 
+    bos_token = resolve_bos(tok, rec.calibration.bos)
+    rec.calibration.bos = bos_token is not None  # recorded: what every window of this run starts with
     c = rec.calibration
     batches = None
     if rec.needs_data:
         batches = calibration_batches(
-            tokenize(tok, load_text(c.text, "calibration")), c.samples, c.seqlen, c.seed, what=f"text {c.text!r}"
+            tokenize(tok, load_text(c.text, "calibration")), c.samples, c.seqlen, c.seed, what=f"text {c.text!r}", bos=bos_token
         )
     ev_text = c.text if eval_text is None else eval_text
-    windows = None if ev_text == "none" else _load_windows(tok, ev_text, "evaluation", c.seqlen, eval_windows)
+    windows = None if ev_text == "none" else _load_windows(tok, ev_text, "evaluation", c.seqlen, eval_windows, bos_token)
 
     metrics, ref = {}, None
     if windows is not None:
@@ -171,7 +177,8 @@ def prune(
         r = rec.recovery
         if ref is not None:
             rep.metrics["perplexity_oneshot"] = api.compare(m, tok, windows, {**ref, "prompts": []})[0]["perplexity"]
-        train = calibration_batches(tokenize(tok, load_text(r.text, "calibration")), r.samples, r.seqlen, r.seed, what=f"text {r.text!r}")
+        train = calibration_batches(tokenize(tok, load_text(r.text, "calibration")), r.samples, r.seqlen, r.seed,
+                                    what=f"text {r.text!r}", bos=bos_token)
         _say(f"recovery: {r.method}, {r.steps} steps of {r.batch_size} x {r.seqlen} tokens ...")
         t0 = time.perf_counter()
         m, rstats = run_recovery(m, r, train, teacher=teacher, structured=rec.structure is not None, progress=True)
@@ -240,15 +247,17 @@ def eval_(
     windows: Annotated[int, typer.Option(help="number of non-overlapping windows (from the start)")] = 64,
     reference: Annotated[Optional[str], typer.Option(help="dense model to measure top-1 agreement against")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help=_BOS_HELP)] = None,
 ) -> None:
     """Perplexity of MODEL on the evaluation split of TEXT, with its sparsity and size."""
     from prunekit import api, io
-    from prunekit.zoo import load_model
+    from prunekit.batches import resolve_bos
 
     if seqlen <= 0 or windows <= 0:
         raise PruneError("--seqlen and --windows must be positive integers.")
     m, tok = io.load_any(model)
-    w = _load_windows(tok, text, "evaluation", seqlen, windows)
+    bos_token = resolve_bos(tok, bos)
+    w = _load_windows(tok, text, "evaluation", seqlen, windows, bos_token)
     t0 = time.perf_counter()
     res = api.evaluate(m, w, progress=True)
     res["eval_s"] = time.perf_counter() - t0
@@ -258,14 +267,15 @@ def eval_(
 
         res["agreement"] = agreement(score_windows(ref_model, w)[1], score_windows(m, w)[1])
         res["reference"] = reference
-    res.update({"text": text, "windows": int(w.shape[0]), "seqlen": seqlen})
+    res.update({"text": text, "windows": int(w.shape[0]), "seqlen": seqlen, "bos": bos_token is not None})
     man = io.read_manifest(model) if Path(model).is_dir() else None
     if man:
         res["recipe"] = man.get("recipe")
     if as_json:
         print(json.dumps(res, indent=2))
         return
-    print(f"{model}: perplexity {res['perplexity']:.3f} on {text} ({res['windows']} x {seqlen} tokens)")
+    print(f"{model}: perplexity {res['perplexity']:.3f} on {text} ({res['windows']} x {seqlen} tokens"
+          + (", each window starting with the begin-of-sequence token)" if res["bos"] else ")"))
     print(f"sparsity of block linear layers {res['sparsity']:.4f}  params {res['params']:,}  non-zeros {res['nonzeros']:,}")
     if "agreement" in res:
         print(f"top-1 next-token agreement with {reference}: {res['agreement']:.4f}")
@@ -294,10 +304,11 @@ def recover(
     eval_text: Annotated[Optional[str], typer.Option(help="text for before/after perplexity (default: --text's evaluation split); 'none' skips")] = None,
     eval_windows: Annotated[int, typer.Option(help="evaluation windows of --seqlen tokens")] = 16,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help=_BOS_HELP)] = None,
 ) -> None:
     """Train a pruned model briefly to win back quality; every pruned weight stays exactly zero."""
     from prunekit import api, io
-    from prunekit.batches import calibration_batches, tokenize
+    from prunekit.batches import calibration_batches, resolve_bos, tokenize
     from prunekit.train import make_recovery, pruning_masks
     from prunekit.train import recover as run_recovery
     from prunekit.zoo import load_model, load_text
@@ -336,8 +347,10 @@ def recover(
             _say(f"loading teacher {teacher_name} ...")
             t_model, _ = io.load_any(teacher_name)
         times = {"load_s": time.perf_counter() - t0}
-        batches = calibration_batches(tokenize(tok, train_text), rec.samples, rec.seqlen, rec.seed, what=f"text {rec.text!r}")
-        windows = None if ev_text == "none" else _load_windows(tok, ev_text, "evaluation", rec.seqlen, eval_windows)
+        bos_token = resolve_bos(tok, bos)
+        batches = calibration_batches(tokenize(tok, train_text), rec.samples, rec.seqlen, rec.seed,
+                                      what=f"text {rec.text!r}", bos=bos_token)
+        windows = None if ev_text == "none" else _load_windows(tok, ev_text, "evaluation", rec.seqlen, eval_windows, bos_token)
 
         metrics = {}
         if windows is not None:
@@ -354,7 +367,7 @@ def recover(
             times["eval_after_s"] = time.perf_counter() - t0
 
         data = {k: v for k, v in (manifest or {}).items() if k != "versions"}
-        data["recovery"] = {"input": pruned, "teacher": teacher_name, "recipe": rec.model_dump(), "stats": stats,
+        data["recovery"] = {"input": pruned, "teacher": teacher_name, "recipe": rec.model_dump(), "bos": bos_token is not None, "stats": stats,
                             "metrics": {**metrics, "text": ev_text, "windows": 0 if windows is None else int(windows.shape[0])},
                             "times": times}
         io.save(m, tok, out, data, overwrite=overwrite)

@@ -44,6 +44,12 @@ class Calibration(BaseModel):
         description="sequential: each block sees the pruned outputs of the blocks before it; one-pass: statistics "
         "from the dense model only (one forward pass, faster, usually a little worse)",
     )
+    bos: bool | None = Field(
+        None,
+        description="whether every window (calibration, recovery, evaluation, generation prompts) starts with the "
+        "begin-of-sequence token; None follows the tokenizer (what tokenizer(text) does); a saved recipe records "
+        "what was used",
+    )
 
     @field_validator("samples", "seqlen", "batch_size")
     @classmethod

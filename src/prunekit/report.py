@@ -25,6 +25,12 @@ class Report:
             f"target layers {len(self.layers)}  achieved sparsity {s.get('target_sparsity', 0):.4f}  "
             f"model params {s.get('params', 0):,}  non-zeros {s.get('nonzeros', 0):,}",
         ]
+        if s.get("kept_dense"):
+            d = s["kept_dense"]
+            out.append(
+                f"kept dense (not linear layers, no method prunes them): {sum(d.values()):,} weights in "
+                + ", ".join(d)
+            )
         if self.times:
             out.append("time  " + "  ".join(f"{k} {v:.1f}s" for k, v in self.times.items()))
         if self.metrics:

@@ -189,7 +189,7 @@ def _generic(model: nn.Module) -> Adapter:
 
 def adapter_for(model: nn.Module) -> Adapter:
     # import the family files so they register themselves
-    from prunekit.arch import gpt2, llama, opt  # noqa: F401
+    from prunekit.arch import falcon, gpt2, gpt_neox, llama, opt  # noqa: F401
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in _REGISTRY:
@@ -215,4 +215,18 @@ def target_layers(model: nn.Module, adapter: Adapter, exclude: list[str] | tuple
                 continue
             layers.append((name, mod))
         out.append(layers)
+    return out
+
+
+def untargeted_weights(model: nn.Module, adapter: Adapter) -> dict[str, int]:
+    """Matrices inside the blocks that no method prunes because they are not linear layers (e.g. the 3-D expert
+    weights of a mixture-of-experts block): ``{name with the block index as '*': total elements}``."""
+    blocks = adapter.blocks(model)
+    covered = {id(m.weight) for b in blocks for m in b.modules() if is_prunable(m)}
+    out: dict[str, int] = {}
+    for i, block in enumerate(blocks):
+        for sub, p in block.named_parameters():
+            if p.dim() >= 2 and id(p) not in covered:
+                key = f"{adapter.blocks_path}.*.{sub}"
+                out[key] = out.get(key, 0) + p.numel()
     return out
