@@ -189,3 +189,11 @@ def test_capture_does_not_fire_block_hooks(ids):
         h.remove()
     assert len(calls) == len(ids.split(BATCH))  # one real pass per chunk, none during the capture
     assert all(type(b).__name__ != "_Recorder" for b in blocks)  # the blocks are back
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3", "mixtral", "falcon", "phi3"])
+def test_structured_pruning_refuses_families_without_a_layout(family, ids):
+    from prunekit.errors import PruneError
+
+    with pytest.raises(PruneError, match="structured pruning is not available"):
+        prunekit.prune(tiny_arch(family), {"structure": {"remove_layers": 1}}, ids, progress=False)
