@@ -204,3 +204,30 @@ def tiny_dir(tmp_path):
 
     text.write_text("\n".join(list(t.topics.values())[:40]))
     return d, text
+
+
+def invoke(*args):
+    """Run the CLI in this process: ``(exit code, stdout, stderr)``. An exception that is not a clean exit
+    propagates (so a test sees the traceback a user would)."""
+    import contextlib
+    import io
+
+    from prunekit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            rc = 0
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def error_line(stderr: str) -> str:
+    """The one ``error:`` line a failed command printed (asserts there is exactly one, last, and no traceback)."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in stderr, stderr
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr
+    return errors[0]

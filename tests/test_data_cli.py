@@ -22,16 +22,9 @@ def _one_thread(one_thread):
 
 def cli(monkeypatch, capsys, *args):
     """Run prunekit's real entry point (main(): PruneError -> one sentence, exit 2) in this process."""
-    from prunekit.cli import main
+    from tests.conftest import invoke
 
-    monkeypatch.setattr(sys, "argv", ["prunekit", "data", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return invoke("data", *args)
 
 
 def test_score_select_train_subprocess(tmp_path):
@@ -67,6 +60,9 @@ def test_score_file_contents(monkeypatch, capsys, tmp_path):
     idx, kmeta = load_keep(k, n=n)
     assert len(idx) == round(0.5 * n) and kmeta["strategy"] == "dbp"
     code, stdout, err = cli(monkeypatch, capsys, "select", out, "--eps", "0.05", "--strategy", "semdedup", "--out", k)
+    assert code == 2 and "--overwrite" in err  # an existing output is never replaced silently
+    code, stdout, err = cli(monkeypatch, capsys, "select", out, "--eps", "0.05", "--strategy", "semdedup", "--out", k,
+                            "--overwrite")
     assert code == 0, err
     assert "by semdedup" in stdout
 
@@ -103,7 +99,7 @@ def test_bad_input_exit_2_one_sentence_nothing_written(monkeypatch, capsys, tmp_
     keep_other = tmp_path / "other.parquet"
     save_keep(keep_other, np.arange(10), 60000, {"dataset": "fashion-mnist"})
     for args, phrase in cases:
-        out = tmp_path / "out.parquet"
+        out = tmp_path / ("out.json" if args[0] == "train" else "out.parquet")
         args = [keep_other if a == "KEEP_FASHION" else out if a == "OUT" else a for a in args]
         code, stdout, err = cli(monkeypatch, capsys, *args)
         assert code == 2, (args, code, err)

@@ -48,6 +48,12 @@ def test_save_refuses_existing_and_leaves_nothing_half_written(tmp_path):
     with pytest.raises(Boom):
         prunekit.save(model, None, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir, no partial output
-    prunekit.save(tiny_model("llama"), None, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(prunekit.PruneError, match="did not write"):  # --overwrite replaces only prunekit outputs
+        prunekit.save(tiny_model("llama"), None, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    prunekit.save(tiny_model("llama"), None, ours)
+    (ours / "stale.txt").write_text("old")
+    prunekit.save(tiny_model("llama"), None, ours, overwrite=True)
+    assert not (ours / "stale.txt").exists() and (ours / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out"]

@@ -25,24 +25,10 @@ def cli_subprocess(*args):
 
 
 def cli(*args):
-    """The same entry point (prunekit.cli.main) in this process: saves the ~2 s interpreter start per call."""
-    import contextlib
-    import io
+    """In-process CLI (the same main() as the console script)."""
+    from tests.conftest import invoke
 
-    from prunekit.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.argv
-    sys.argv = ["prunekit", "train-prune", *args]
-    rc = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    finally:
-        sys.argv = old
-    return Result(rc, out.getvalue(), err.getvalue())
+    return Result(*invoke("train-prune", *args))
 
 
 TINY = ["--dataset", "synthetic", "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "64", "--no-progress"]

@@ -51,7 +51,9 @@ def test_resolve_bos_can_force_or_drop():
     with pytest.raises(PruneError, match="no begin-of-sequence"):
         resolve_bos(byte_tokenizer(), True)
     with pytest.raises(PruneError, match="no room"):
-        evaluation_windows(torch.arange(10), 1, bos=0)
+        calibration_batches(torch.arange(10), 2, 1, bos=0)
+    with pytest.raises(PruneError, match="at least 2 tokens"):
+        evaluation_windows(torch.arange(10), 1)
 
 
 def test_recipe_records_bos_and_rejects_a_mismatch():

@@ -1,28 +1,54 @@
-"""prunekit: prune neural networks and their training data, with the methods of the literature, measured honestly."""
+"""prunekit: prune neural networks and their training data, with the methods of the literature, measured honestly.
+
+The names below load on first use, so ``import prunekit`` (and the ``prunekit`` command's start) stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from prunekit.api import evaluate, prune  # noqa: E402
-from prunekit.batches import calibration_batches, evaluation_windows, tokenize  # noqa: E402
-from prunekit.errors import PruneError  # noqa: E402
-from prunekit.io import load, save  # noqa: E402
-from prunekit.recipe import Recipe  # noqa: E402
-from prunekit.report import Report  # noqa: E402
-from prunekit.train import recover  # noqa: E402
-from prunekit.zoo import load_model, load_text  # noqa: E402
+_EXPORTS = {
+    "PruneError": "prunekit.errors",
+    "Recipe": "prunekit.recipe",
+    "Report": "prunekit.report",
+    "bos_id": "prunekit.batches",
+    "calibration_batches": "prunekit.batches",
+    "evaluate": "prunekit.api",
+    "evaluation_windows": "prunekit.batches",
+    "load": "prunekit.io",
+    "load_model": "prunekit.zoo",
+    "load_text": "prunekit.zoo",
+    "prune": "prunekit.api",
+    "recover": "prunekit.train",
+    "save": "prunekit.io",
+    "tokenize": "prunekit.batches",
+}
 
-__all__ = [
-    "PruneError",
-    "Recipe",
-    "Report",
-    "calibration_batches",
-    "evaluate",
-    "evaluation_windows",
-    "load",
-    "load_model",
-    "load_text",
-    "prune",
-    "recover",
-    "save",
-    "tokenize",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # importing the subpackage prunekit.evaluate must not replace the function prunekit.evaluate
+        if name == "evaluate" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -11,6 +11,7 @@ from prunekit import allocate
 from prunekit.arch import adapter_for, target_layers, untargeted_weights
 from prunekit.batches import starts_with_bos
 from prunekit.calibrate import run_sequential
+from prunekit.checks import check_finite
 from prunekit.errors import PruneError
 from prunekit.evaluate import agreement, greedy, layer_sparsity, perplexity, prompts_from, score_windows, size_summary
 from prunekit.linear import in_features, weight_matrix
@@ -123,6 +124,7 @@ def prune(
         recipe = Recipe()
     elif isinstance(recipe, dict):
         recipe = Recipe.make(**recipe)
+    check_finite(model)
     recipe = _record_bos(model, recipe, calibration_batches)
     if recipe.structure is not None:  # heads / MLP channels / layers removed for real (prunekit.structure)
         from prunekit.structure import prune_structured

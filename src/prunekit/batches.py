@@ -74,6 +74,8 @@ def evaluation_windows(
     ``limit`` keeps the first ``limit`` windows (None: all of them). With ``bos`` every window is that token
     followed by the next ``seqlen - 1`` text tokens (so every text token is scored exactly once).
     """
+    if seqlen < 2:
+        raise PruneError(f"An evaluation window needs at least 2 tokens (one to predict from), got {seqlen}.")
     text = _check_seqlen(seqlen, bos)
     n = ids.numel() // text
     if n == 0:

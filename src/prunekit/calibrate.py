@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prunekit.checks import check_finite_tensor
 from prunekit.errors import PruneError
 from prunekit.stats import STATS
 
@@ -245,7 +246,9 @@ def run_sequential(
 
         t0 = time.perf_counter()
         for gid, group in members.items():
-            on_group(bi, group, collectors[gid].value)
+            value = collectors[gid].value
+            check_finite_tensor(value, f"The calibration activations entering {group[0][0]}")
+            on_group(bi, group, value)
         del collectors
         times["solve_s"] += time.perf_counter() - t0
 

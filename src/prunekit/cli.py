@@ -76,7 +76,8 @@ def prune(
     eval_windows: Annotated[int, typer.Option(help="evaluation windows of --seqlen tokens")] = 16,
     generations: Annotated[int, typer.Option(help="greedy generations shown dense vs pruned")] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a prunekit output)")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow a model directory's own code (auto_map) to run; only for code you have read")] = False,
     structure: Annotated[Optional[str], typer.Option(help="structured: what to remove in width, any of heads,mlp,hidden (hidden = residual stream; the model shrinks)")] = None,
     ratio: Annotated[Optional[float], typer.Option(help="structured: fraction of each attention / MLP sublayer's weights removed, [0, 1)")] = None,
     criterion: Annotated[Optional[str], typer.Option(help="structured: fluctuation (FLAP, default) | magnitude | magnitude-l1 | taylor | random")] = None,
@@ -95,6 +96,7 @@ def prune(
     from prunekit import api, io
     from prunekit.arch import adapter_for
     from prunekit.batches import calibration_batches, resolve_bos, tokenize
+    from prunekit.checks import check_device, check_seqlen
     from prunekit.recipe import Recipe
     from prunekit.zoo import load_text
 
@@ -136,11 +138,15 @@ def prune(
         raise PruneError(f"--eval-windows must be positive, got {eval_windows}.")
     if generations < 0:
         raise PruneError(f"--generations must be 0 or more, got {generations}.")
-    io.check_output(out, overwrite)
+    check_device(device)
+    io.check_output(out, overwrite, inputs=[model])
 
     t0 = time.perf_counter()
     _say(f"loading {model} ...")
-    m, tok = io.load_any(model)
+    m, tok = io.load_any(model, trust_remote_code)
+    check_seqlen(m, rec.calibration.seqlen)
+    if rec.recovery is not None:
+        check_seqlen(m, rec.recovery.seqlen, "recovery seqlen")
     times = {"load_s": time.perf_counter() - t0}
     if rec.structure is not None:
         from prunekit.structure.prune import check
@@ -248,21 +254,32 @@ def eval_(
     reference: Annotated[Optional[str], typer.Option(help="dense model to measure top-1 agreement against")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help=_BOS_HELP)] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow a model directory's own code (auto_map) to run; only for code you have read")] = False,
 ) -> None:
     """Perplexity of MODEL on the evaluation split of TEXT, with its sparsity and size."""
     from prunekit import api, io
     from prunekit.batches import resolve_bos
+    from prunekit.checks import check_finite, check_seqlen
+    from prunekit.zoo import load_text
 
     if seqlen <= 0 or windows <= 0:
         raise PruneError("--seqlen and --windows must be positive integers.")
-    m, tok = io.load_any(model)
+    load_text(text, "evaluation")  # an unknown text fails here, before any loading
+    if reference is not None:
+        from prunekit.zoo.models import resolve_model
+
+        resolve_model(reference)  # a reference that cannot be found fails before the evaluation
+    m, tok = io.load_any(model, trust_remote_code)
+    check_finite(m)
+    check_seqlen(m, seqlen)
     bos_token = resolve_bos(tok, bos)
     w = _load_windows(tok, text, "evaluation", seqlen, windows, bos_token)
     t0 = time.perf_counter()
     res = api.evaluate(m, w, progress=True)
     res["eval_s"] = time.perf_counter() - t0
     if reference is not None:
-        ref_model, _ = io.load_any(reference)
+        ref_model, _ = io.load_any(reference, trust_remote_code)
+        check_finite(ref_model, f"The reference {reference}")
         from prunekit.evaluate import agreement, score_windows
 
         res["agreement"] = agreement(score_windows(ref_model, w)[1], score_windows(m, w)[1])
@@ -303,12 +320,14 @@ def recover(
     teacher: Annotated[Optional[str], typer.Option(help="distill: the dense model (default: the source in PRUNED's prunekit.json)")] = None,
     eval_text: Annotated[Optional[str], typer.Option(help="text for before/after perplexity (default: --text's evaluation split); 'none' skips")] = None,
     eval_windows: Annotated[int, typer.Option(help="evaluation windows of --seqlen tokens")] = 16,
-    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a prunekit output)")] = False,
     bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help=_BOS_HELP)] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow a model directory's own code (auto_map) to run; only for code you have read")] = False,
 ) -> None:
     """Train a pruned model briefly to win back quality; every pruned weight stays exactly zero."""
     from prunekit import api, io
     from prunekit.batches import calibration_batches, resolve_bos, tokenize
+    from prunekit.checks import check_seqlen
     from prunekit.train import make_recovery, pruning_masks
     from prunekit.train import recover as run_recovery
     from prunekit.zoo import load_model, load_text
@@ -321,9 +340,7 @@ def recover(
         rec = make_recovery(**{k: v for k, v in flags.items() if v is not None})
         if eval_windows <= 0:
             raise PruneError(f"--eval-windows must be positive, got {eval_windows}.")
-        io.check_output(out, overwrite)
-        if Path(pruned).is_dir() and out.resolve() == Path(pruned).resolve():
-            raise PruneError("--out is the input directory; write the recovered model to another directory.")
+        io.check_output(out, overwrite, inputs=[pruned, teacher])
         manifest = io.read_manifest(pruned) if Path(pruned).is_dir() else None
         teacher_name = None
         if rec.method == "distill":
@@ -332,6 +349,10 @@ def recover(
                 raise PruneError("Method distill needs the dense model as teacher; pass --teacher MODEL (the input has no prunekit.json naming its source).")
         elif teacher is not None:
             raise PruneError(f"--teacher is only used by --method distill, not {rec.method}; drop --teacher or use --method distill.")
+        if teacher_name:
+            from prunekit.zoo.models import resolve_model
+
+            resolve_model(teacher_name)  # a teacher that cannot be found fails before any loading
         train_text = load_text(rec.text, "calibration")  # an unknown text fails here, before any loading
         ev_text = rec.text if eval_text is None else eval_text
         if ev_text != "none":
@@ -339,13 +360,14 @@ def recover(
 
         t0 = time.perf_counter()
         _say(f"loading {pruned} ...")
-        m, tok = io.load_any(pruned)
+        m, tok = io.load_any(pruned, trust_remote_code)
+        check_seqlen(m, rec.seqlen)
         structured = bool(((manifest or {}).get("recipe") or {}).get("structure"))
         pruning_masks(m, structured)  # an unpruned model fails here, before any training
         t_model = None
         if teacher_name:
             _say(f"loading teacher {teacher_name} ...")
-            t_model, _ = io.load_any(teacher_name)
+            t_model, _ = io.load_any(teacher_name, trust_remote_code)
         times = {"load_s": time.perf_counter() - t0}
         bos_token = resolve_bos(tok, bos)
         batches = calibration_batches(tokenize(tok, train_text), rec.samples, rec.seqlen, rec.seed,
@@ -387,29 +409,44 @@ from prunekit.vision.cli import train_prune as _vision_train_prune  # noqa: E402
 app.command("train-prune")(_vision_train_prune)
 
 
-def main() -> None:
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI. The one place where errors become exit codes: a user's mistake is one line on stderr and exit 2,
+    Ctrl-C is exit 130 with nothing written; anything else is a bug in prunekit and keeps its traceback."""
+    import signal
+
+    rc = 0
     try:
-        rc = app(standalone_mode=False)
-        if isinstance(rc, int) and rc:  # typer returns 130 for a Ctrl-C it caught
+        out = app(args=argv, standalone_mode=False)
+        if isinstance(out, int) and out:  # typer returns 130 for a Ctrl-C it caught
+            rc = out
             if rc == 130:
                 print("interrupted; nothing was written", file=sys.stderr)
-            sys.exit(rc)
     except PruneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        rc = 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        rc = 130
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        rc = e.exit_code
     except Exception as e:
-        # usage errors of typer's (vendored) click: print them as click would, exit 2
-        if hasattr(e, "show") and hasattr(e, "exit_code"):
-            e.show()
-            sys.exit(e.exit_code if isinstance(e.exit_code, int) else 2)
-        if type(e).__name__ == "Abort":
-            sys.exit(130)
-        raise
+        # usage errors of typer's (vendored) click: one line, exit 2
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            print(f"error: {_one_line(e.format_message())} (see --help)", file=sys.stderr)
+            rc = e.exit_code if isinstance(e.exit_code, int) and e.exit_code else 2
+        elif type(e).__name__ == "Abort":
+            print("interrupted; nothing was written", file=sys.stderr)
+            rc = 130
+        else:
+            raise
+    finally:
+        if argv is None:  # the process ends here: a Ctrl-C now must not interrupt the interpreter's clean-up
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

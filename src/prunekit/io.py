@@ -21,14 +21,104 @@ from prunekit.errors import PruneError
 MANIFEST = "prunekit.json"
 
 
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any work) when ``out`` exists and ``overwrite`` is not set."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _nearest_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable(out: Path, what: str = "--out") -> None:
+    """``out`` (which need not exist) can be created: its nearest existing ancestor is a directory we may write."""
+    anc = _nearest_existing(out.parent)  # the output is written beside its final place, then renamed
+    if not anc.is_dir():
+        raise PruneError(f"Cannot create {what} {out}: {anc} is a file, not a directory.")
+    try:
+        probe = tempfile.mkdtemp(prefix=".prunekit-probe-", dir=anc)
+    except OSError as e:
+        raise PruneError(f"Cannot write {what} {out}: {anc} is not writable ({e.strerror or e}).") from None
+    os.rmdir(probe)
+
+
+def is_prunekit_output(p: Path) -> bool:
+    return (p / MANIFEST).is_file()
+
+
+def check_output(out: str | Path, overwrite: bool, inputs: tuple | list = ()) -> Path:
+    """Fail early (before any work) when ``out`` cannot or must not be written.
+
+    Refused: an existing ``out`` without ``overwrite``; a file; with ``overwrite``, a non-empty directory that
+    prunekit did not write (no ``prunekit.json``); the current directory or one above it; any of ``inputs``
+    (or a directory holding one); a place that cannot be written.
+    """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise PruneError(f"Output {out} already exists; choose another --out or pass --overwrite.")
-    if out.exists() and not out.is_dir():
-        raise PruneError(f"Output {out} is a file; give a directory path for --out.")
+    resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise PruneError(f"--out {out} is the current directory or one above it; write to a new directory.")
+    for inp in inputs:
+        if inp is None or not Path(inp).exists():
+            continue
+        ip = Path(inp).resolve()
+        if ip == resolved or resolved in ip.parents:
+            raise PruneError(f"--out {out} is (or holds) the input {inp}; write the result to another directory.")
+    if out.exists():
+        if not overwrite:
+            raise PruneError(f"Output {out} already exists; choose another --out or pass --overwrite.")
+        if not out.is_dir():
+            raise PruneError(f"Output {out} is a file; give a directory path for --out.")
+        if any(out.iterdir()) and not is_prunekit_output(out):
+            raise PruneError(
+                f"Output {out} is a directory prunekit did not write (no {MANIFEST}); --overwrite only replaces "
+                "prunekit outputs, so choose another --out."
+            )
+    check_writable(out)
     return out
+
+
+def check_output_file(out: str | Path, overwrite: bool, suffix: str, is_ours=None) -> Path:
+    """Like :func:`check_output` for a single output file with ``suffix``; ``is_ours(path)`` says whether an
+    existing file was written by prunekit (only those are overwritten)."""
+    out = Path(out)
+    if out.suffix != suffix:
+        raise PruneError(f"--out must end in {suffix}, got {out.name}.")
+    if out.is_dir():
+        raise PruneError(f"--out {out} is a directory; give a {suffix} file path.")
+    if out.exists():
+        if not overwrite:
+            raise PruneError(f"Output {out} already exists; choose another --out or pass --overwrite.")
+        if is_ours is not None and not is_ours(out):
+            raise PruneError(f"Output {out} is not a file prunekit wrote; --overwrite only replaces prunekit outputs.")
+    check_writable(out)
+    return out
+
+
+def _finite_json(obj):
+    """JSON-ready copy: non-finite floats become None (``prunekit.json`` stays valid JSON)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    try:  # numpy / torch scalars
+        return _finite_json(obj.item())
+    except (AttributeError, ValueError):
+        return str(obj)
+
+
+def dumps(obj, indent: int | None = 2) -> str:
+    """Strict JSON (never a bare NaN or Infinity)."""
+    return json.dumps(_finite_json(obj), indent=indent, allow_nan=False)
 
 
 def _versions() -> dict:
@@ -46,7 +136,11 @@ def _versions() -> dict:
 
 
 def save(model, tokenizer, out: str | Path, manifest: dict | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` (+ tokenizer + ``prunekit.json``) to ``out`` atomically; weights must be finite."""
+    from prunekit.checks import check_finite
+
     out = check_output(out, overwrite)
+    check_finite(model, "The model to save")
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if getattr(getattr(model, "config", None), "prunekit_layer_sizes", None) is not None:
@@ -56,21 +150,53 @@ def save(model, tokenizer, out: str | Path, manifest: dict | None = None, overwr
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         data = {"versions": _versions(), **(manifest or {})}
-        (tmp / MANIFEST).write_text(json.dumps(data, indent=2, default=str))
+        (tmp / MANIFEST).write_text(dumps(data))
     return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(parent: Path, name: str) -> None:
+    """Remove ``.{name}.tmp-<pid>-*`` / ``.{name}.old-<pid>-*`` left by runs that were killed (their pid is gone)."""
+    if not parent.is_dir():
+        return
+    for p in parent.iterdir():
+        if not p.name.startswith(f".{name}."):
+            continue
+        kind, _, rest = p.name[len(name) + 2 :].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to fill; on success it replaces ``out`` (an existing one is moved
-    aside first, then deleted), on any exception (Ctrl-C included) it is removed and ``out`` is untouched."""
+    aside first, then deleted), on any exception (Ctrl-C included) it is removed and ``out`` is untouched.
+
+    The directory gets the permissions the umask gives (not ``mkdtemp``'s 0700). Temporary siblings left by a
+    killed run are removed on the next write to the same place.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale(out.parent, out.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
             os.replace(out, old / "x")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -83,24 +209,39 @@ def atomic_dir(out: Path) -> Iterator[Path]:
 
 def read_manifest(path: str | Path) -> dict | None:
     p = Path(path) / MANIFEST
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PruneError(f"{p} is not valid JSON; the directory is not an intact prunekit output.") from None
+    if not isinstance(data, dict):
+        raise PruneError(f"{p} must hold a JSON object; the directory is not an intact prunekit output.")
+    return data
 
 
-def load(path: str | Path):
+def load(path: str | Path, trust_remote_code: bool = False):
     """``(model, tokenizer, manifest)`` from a directory written by :func:`save` (or any HF directory).
 
     A structured-pruning output whose layers differ in size (``prunekit_layer_sizes`` in its config.json) is
     rebuilt layer by layer (stock ``from_pretrained`` cannot build it).
     """
-    model, tok = load_any(path)
+    model, tok = load_any(path, trust_remote_code)
     return model, tok, read_manifest(path)
 
 
-def load_any(name_or_path: str | Path):
-    """``(model, tokenizer)`` like ``zoo.load_model``, and also for per-layer-sized structured outputs."""
-    from prunekit.structure.saved import is_structured_dir, load_structured
-    from prunekit.zoo.models import load_model
+def load_any(name_or_path: str | Path, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` like ``zoo.load_model``, and also for per-layer-sized structured outputs.
 
-    if Path(name_or_path).is_dir() and is_structured_dir(name_or_path):
-        return load_structured(name_or_path)
-    return load_model(str(name_or_path))
+    A local directory is checked first (no code of its own unless ``trust_remote_code``, valid config, safetensors
+    weights that are complete, a tokenizer), so a broken one is one sentence naming the file.
+    """
+    from prunekit.structure.saved import is_structured_dir, load_structured
+    from prunekit.zoo.models import check_model_dir, load_model, resolve_model
+
+    where = resolve_model(str(name_or_path))
+    if Path(where).is_dir():
+        check_model_dir(where, trust_remote_code)
+        if is_structured_dir(where):
+            return load_structured(where)
+    return load_model(str(name_or_path), trust_remote_code=trust_remote_code)

@@ -33,7 +33,7 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 
 
 class Calibration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     text: str = "shakespeare"
     samples: int = Field(32, description="number of calibration sequences")
     seqlen: int = Field(256, description="tokens per calibration sequence")
@@ -62,7 +62,7 @@ class Calibration(BaseModel):
 class Allocation(BaseModel):
     """How the sparsity is spread over layers (see prunekit.allocate)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["uniform", "global", "owl", "list"] = "uniform"
     min_density: float = Field(0.0, description="global: the least fraction of weights any layer keeps")
     owl_m: float = Field(5.0, description="OWL: a score is an outlier above M x its block's mean score")
@@ -93,7 +93,7 @@ class Recovery(BaseModel):
     distill: like perp, with loss = (1 - distill_weight) * LM loss + distill_weight * KL(dense || pruned).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     method: Literal["perp", "lora", "full", "distill"] = "perp"
     steps: int = 100
     lr: float = 2e-4
@@ -136,7 +136,7 @@ class Structure(BaseModel):
     remove_layers: whole blocks by block influence; remove_sublayers: attention / MLP sublayers.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kinds: list[Literal["heads", "mlp", "hidden"]] = Field(
         default_factory=list, description="what to prune in width: heads, mlp, hidden (the residual stream, Minitron)"
     )
@@ -205,7 +205,7 @@ class Structure(BaseModel):
 class Recipe(BaseModel):
     """One pruning run. ``sparsity`` is the fraction of weights set to zero in each target layer."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["magnitude", "wanda", "sparsegpt", "gblm"] = "wanda"
     sparsity: float = 0.5
@@ -299,24 +299,55 @@ class Recipe(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
-        p = Path(path)
-        if not p.is_file():
-            raise PruneError(f"Recipe file {p} does not exist; pass a YAML or JSON recipe file.")
-        text = p.read_text()
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise PruneError(f"Recipe file {p} must hold a mapping of fields (method, sparsity, pattern, ...).")
-        return cls.make(**data)
+        return cls.make(**read_mapping(path))
 
     def to_yaml(self) -> str:
         import yaml
 
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+MAX_RECIPE_BYTES = 1 << 20
+
+
+def read_mapping(path: str | Path, what: str = "Recipe file") -> dict:
+    """The mapping a YAML (.yaml/.yml) or JSON (.json) recipe file holds, or one sentence saying what is wrong.
+
+    Only plain data is read (``yaml.safe_load``: no tags that build objects, no code).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise PruneError(f"{what} {p} does not exist; pass a YAML or JSON recipe file.")
+    suffix = p.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise PruneError(f"{what} {p} must end in .yaml, .yml or .json, not {p.suffix or 'nothing'}.")
+    if p.stat().st_size > MAX_RECIPE_BYTES:
+        raise PruneError(f"{what} {p} is larger than 1 MiB; a recipe is a few lines of settings.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PruneError(f"{what} {p} is not UTF-8 text; a recipe is a YAML or JSON text file.") from None
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except RecursionError:
+        raise PruneError(f"{what} {p} is nested too deeply to be a recipe.") from None
+    except json.JSONDecodeError as e:
+        raise PruneError(f"{what} {p} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+    except Exception as e:  # yaml.YAMLError and its subclasses (scanner, parser, constructor errors)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise PruneError(f"{what} {p} is not valid YAML ({' '.join(str(problem).split())}{where}).") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PruneError(f"{what} {p} must hold a mapping of fields (method, sparsity, pattern, ...), not a {type(data).__name__}.")
+    return data
 
 
 def _one_sentence(e: ValidationError) -> str:

@@ -26,6 +26,21 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    from prunekit.data.files import is_prunekit_file
+    from prunekit.io import check_output_file
+
+    check_output_file(out, overwrite, ".parquet", is_ours=is_prunekit_file)
+
+
+def _is_our_json(path: Path) -> bool:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "kept" in data and "total" in data
+
+
 def _load(dataset, split, text_column, label_column, labels, image_size):
     from prunekit.data import load_dataset
 
@@ -50,6 +65,7 @@ def score_cmd(
     with_embeddings: Annotated[bool, typer.Option("--with-embeddings", help="also store embeddings and clusters (for --strategy dbp / semdedup)")] = False,
     engine: Annotated[str, typer.Option(help="local | ray (Ray Data; local Ray unless --ray-address)")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address, e.g. ray://host:10001")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a file prunekit wrote)")] = False,
     text_column: TextCol = "text", label_column: LabelCol = "label", labels: LabelsOpt = None, image_size: ImageSize = 32,
 ) -> None:
     """Score every example of DATASET (one float each, higher = harder) into a Parquet file."""
@@ -61,13 +77,11 @@ def score_cmd(
         raise PruneError(f"Unknown score {score!r}; use one of {', '.join(SCORES)}.")
     if engine not in ENGINES:
         raise PruneError(f"Unknown engine {engine!r}; use local or ray.")
-    if seeds < 1:
-        raise PruneError(f"--seeds must be at least 1, got {seeds}.")
-    if out.suffix != ".parquet":
-        raise PruneError(f"--out must end in .parquet, got {out.name}.")
-    ds = _load(dataset, split, text_column, label_column, labels, image_size)
     cfg = ScoreConfig(seed=seed, seeds=seeds, epochs=epochs, model=model, grand_params=grand_params, encoder=encoder,
                       clusters=clusters)
+    cfg.check()
+    _check_out(out, overwrite)
+    ds = _load(dataset, split, text_column, label_column, labels, image_size)
     _say(f"scoring {len(ds):,} examples of {ds.name} with {score} on the {engine} engine ...")
     t0 = time.perf_counter()
     res = run_score(ds, score, cfg, engine=engine, address=ray_address, with_embeddings=with_embeddings, progress=True)
@@ -91,6 +105,7 @@ def select_cmd(
     temperature: Annotated[float, typer.Option(help="dbp: softmax temperature of the cluster budgets")] = 0.1,
     neighbors: Annotated[int, typer.Option(help="dbp: nearest other centroids in the inter-cluster distance")] = 5,
     seed: Annotated[int, typer.Option(help="seed of the sampling and the tie-breaking")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a file prunekit wrote)")] = False,
 ) -> None:
     """Select the subset to keep from a score file."""
     from prunekit.data import load_scores, save_keep, select
@@ -100,8 +115,7 @@ def select_cmd(
         raise PruneError(f"Unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
     if keep is not None or strategy != "semdedup":
         check_keep(keep)
-    if out.suffix != ".parquet":
-        raise PruneError(f"--out must end in .parquet, got {out.name}.")
+    _check_out(out, overwrite)
     cols, meta = load_scores(scores)
     idx = select(cols["score"], keep, strategy, labels=cols.get("label"), class_balanced=class_balanced, seed=seed,
                  beta=beta, bins=bins, clusters=cols.get("cluster"), embeddings=cols.get("embedding"), eps=eps,
@@ -109,7 +123,8 @@ def select_cmd(
     n = len(cols["score"])
     save_keep(out, idx, n, {"dataset": meta.get("dataset"), "split": meta.get("split"), "score": meta.get("score"),
                             "strategy": strategy, "keep": keep, "class_balanced": class_balanced, "beta": beta,
-                            "bins": bins, "eps": eps, "seed": seed, "source": str(scores)})
+                            "bins": bins, "eps": eps, "seed": seed, "source": str(scores),
+                            "fingerprint": meta.get("fingerprint")})
     line = f"kept {len(idx):,} of {n:,} ({len(idx) / n:.1%}) by {strategy} on {meta.get('score')} scores"
     if "label" in cols:
         counts = [int(c) for c in __import__("numpy").bincount(cols["label"][idx], minlength=int(cols["label"].max()) + 1)]
@@ -134,6 +149,7 @@ def train_cmd(
     split: Annotated[str, typer.Option(help="built-in data sets: the split trained on")] = "train",
     test: Annotated[Optional[str], typer.Option(help="data set to test on (default: the built-in's test split)")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the metrics as JSON here")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a file prunekit wrote)")] = False,
     text_column: TextCol = "text", label_column: LabelCol = "label", labels: LabelsOpt = None, image_size: ImageSize = 32,
 ) -> None:
     """Train a small model on the kept subset (optionally distilled) and report test accuracy."""
@@ -146,18 +162,26 @@ def train_cmd(
         raise PruneError(f"--temperature must be positive, got {temperature}.")
     if epochs < 1:
         raise PruneError(f"--epochs must be at least 1, got {epochs}.")
+    if steps is not None and steps < 1:
+        raise PruneError(f"--steps must be at least 1, got {steps}.")
+    if teacher_epochs is not None and teacher_epochs < 1:
+        raise PruneError(f"--teacher-epochs must be at least 1, got {teacher_epochs}.")
+    TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
+                alpha=alpha, steps=steps).check()
+    if out is not None:
+        from prunekit.io import check_output_file
+
+        check_output_file(out, overwrite, ".json", is_ours=_is_our_json)
     ds = _load(dataset, split, text_column, label_column, labels, image_size)
     keep = None
     if subset is not None:
-        keep, _ = load_keep(subset, n=len(ds))
+        keep, _ = load_keep(subset, n=len(ds), fingerprint=ds.fingerprint())
     test_ds = None
     if test is not None:
         test_ds = _load(test, "test", text_column, label_column, labels, image_size)
     elif has_test_split(dataset) and split == "train":
         test_ds = _load(dataset, "test", text_column, label_column, labels, image_size)
     kind = model if model != "auto" else ("cnn" if ds.kind == "image" else "mlp")
-    if steps is not None and steps < 1:
-        raise PruneError(f"--steps must be at least 1, got {steps}.")
     cfg = TrainConfig(model=kind, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
                       alpha=alpha, steps=steps)
     tcfg = TrainConfig(**{**cfg.__dict__, "epochs": teacher_epochs or epochs, "steps": None})

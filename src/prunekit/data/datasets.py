@@ -48,6 +48,21 @@ class DataSet:
                        None if self.texts is None else [self.texts[i] for i in idx],
                        None if self.y is None else self.y[idx], self.classes, dict(self.meta))
 
+    def fingerprint(self) -> str:
+        """A short hash of the examples and labels: a score or subset file made on other data does not match."""
+        import hashlib
+
+        h = hashlib.sha256(self.kind.encode())
+        if self.texts is not None:
+            for t in self.texts:
+                h.update(t.encode("utf-8", "replace") + b"\0")
+        else:
+            h.update(str(self.x.shape).encode() + str(self.x.dtype).encode())
+            h.update(np.ascontiguousarray(self.x).tobytes())
+        if self.y is not None:
+            h.update(np.ascontiguousarray(self.y, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
     def require_labels(self, what: str) -> np.ndarray:
         if self.y is None:
             raise PruneError(f"{what} needs labels but {self.name!r} has none; give a label column/labels file "
@@ -78,8 +93,13 @@ def _fashion(split: str) -> DataSet:
                    meta={"split": split})
 
 
-def _labels_from(values) -> tuple[np.ndarray, list[str]]:
-    vals = [str(v) for v in values]
+def _labels_from(values, where: str = "the labels") -> tuple[np.ndarray, list[str]]:
+    import math
+
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            raise PruneError(f"{where}: a label is missing (NaN or empty) at row {i}; label every example or drop it.")
+    vals = [str(int(v)) if isinstance(v, float) and float(v).is_integer() else str(v) for v in values]
     classes = sorted(set(vals), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
     lut = {c: i for i, c in enumerate(classes)}
     return np.array([lut[v] for v in vals], dtype=np.int64), classes
@@ -128,20 +148,39 @@ def _arrays(path: Path, labels: Path | None) -> DataSet:
         y = np.asarray(y)
         if y.shape != (x.shape[0],):
             raise PruneError(f"The labels have shape {y.shape} but {path} has {x.shape[0]} examples; give one label per example.")
-        y, classes = _labels_from(y.tolist())
+        y, classes = _labels_from(y.tolist(), f"The labels of {labels or path}")
     else:
         classes = None
+    if x.shape[0] == 0:
+        raise PruneError(f"{path} has no examples; give an array with at least one row.")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise PruneError(f"{path} holds {x.dtype} values; give a real-valued numeric array.")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise PruneError(f"{path} has {int((~np.isfinite(x)).sum())} NaN or Inf feature values (first in row {int(bad[0])}); "
+                         "clean or impute them first.")
     kind = "image" if x.dtype == np.uint8 and x.ndim in (3, 4) else "array"
     return DataSet(path.stem, kind, x if kind == "image" else x.astype(np.float32), y=y, classes=classes)
+
+
+def _read_table(path: Path, nrows: int | None = None):
+    import pandas as pd
+
+    try:
+        if path.suffix.lower() == ".csv":
+            return pd.read_csv(path, nrows=nrows)
+        return pd.read_json(path, lines=True, nrows=nrows)
+    except pd.errors.EmptyDataError:
+        raise PruneError(f"{path} is empty; give a CSV with a header row or a JSONL file, one object a line.") from None
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        msg = " ".join(str(e).split())[:160]
+        raise PruneError(f"Cannot read {path} ({msg}); give a CSV with a header row or a JSONL file, one object a line.") from None
 
 
 def _text(path: Path, text_column: str, label_column: str | None) -> DataSet:
     import pandas as pd
 
-    try:
-        df = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_json(path, lines=True)
-    except (ValueError, OSError) as e:
-        raise PruneError(f"Cannot read {path} ({e}); give a CSV with a header row or a JSONL file, one object a line.") from e
+    df = _read_table(path)
     if text_column not in df.columns:
         raise PruneError(f"{path} has no column {text_column!r} (columns: {', '.join(map(str, df.columns))}); "
                          "name the text column with --text-column.")
@@ -152,13 +191,15 @@ def _text(path: Path, text_column: str, label_column: str | None) -> DataSet:
         raise PruneError(f"{path} has no rows; give a file with at least one example.")
     y = classes = None
     if label_column is not None:
-        y, classes = _labels_from(df[label_column].tolist())
+        y, classes = _labels_from(df[label_column].tolist(), f"Column {label_column!r} of {path}")
     return DataSet(path.stem, "text", texts=[str(t) for t in df[text_column].tolist()], y=y, classes=classes)
 
 
 def load_dataset(spec: str, split: str = "train", *, text_column: str = "text", label_column: str | None = "label",
                  labels: str | Path | None = None, image_size: int = 32) -> DataSet:
     """Load a built-in data set by name or user data from a path (see the module docstring)."""
+    if not isinstance(image_size, int) or not 1 <= image_size <= 4096:
+        raise PruneError(f"--image-size must be a number of pixels in 1..4096, got {image_size}.")
     if spec in BUILTIN:
         return _fashion(split) if spec == "fashion-mnist" else _digits(split)
     p = Path(spec)
@@ -172,10 +213,7 @@ def load_dataset(spec: str, split: str = "train", *, text_column: str = "text", 
         return _arrays(p, Path(labels) if labels else None)
     if suffix in (".csv", ".jsonl", ".json"):
         if label_column == "label":  # the default: use it only when the file has it
-            import pandas as pd
-
-            head = pd.read_csv(p, nrows=1) if suffix == ".csv" else pd.read_json(p, lines=True, nrows=1)
-            label_column = "label" if "label" in head.columns else None
+            label_column = "label" if "label" in _read_table(p, nrows=1).columns else None
         return _text(p, text_column, label_column)
     raise PruneError(f"Cannot read {p} (unknown type {suffix!r}); give an image folder, .npy/.npz, .csv or .jsonl.")
 
@@ -200,4 +238,6 @@ def atomic_write(path: Path, write) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write(Path(path), lambda t: Path(t).write_text(json.dumps(obj, indent=2)))
+    from prunekit.io import dumps
+
+    atomic_write(Path(path), lambda t: Path(t).write_text(dumps(obj)))

@@ -103,7 +103,8 @@ def _minilm_rows(texts, idx):
         from transformers import AutoModel, AutoTokenizer
 
         path = minilm_path()
-        _MODELS["minilm"] = (AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval())
+        _MODELS["minilm"] = (AutoTokenizer.from_pretrained(path, trust_remote_code=False),
+                             AutoModel.from_pretrained(path, trust_remote_code=False).eval())
     tok, model = _MODELS["minilm"]
     out = []
     for s in range(0, len(idx), 64):

@@ -62,6 +62,7 @@ def save_scores(path, ds, res, *, cfg: dict | None = None, engine: str = "local"
         if k in res.extra:
             cols[k] = res.extra[k]
     meta = {"kind": "score", "dataset": ds.name, "split": ds.meta.get("split"), "n": len(ds), "score": res.name,
+            "fingerprint": ds.fingerprint(),
             "config": cfg or {}, "info": res.info, "engine": engine, "seconds": seconds}
     _write(path, cols, meta)
 
@@ -77,12 +78,27 @@ def save_keep(path, keep, n: int, meta: dict):
     _write(path, {"index": np.asarray(keep, dtype=np.int64)}, {"kind": "subset", "n": int(n), **meta})
 
 
-def load_keep(path, n: int | None = None, dataset: str | None = None):
+def load_keep(path, n: int | None = None, dataset: str | None = None, fingerprint: str | None = None):
+    """Kept indices of a subset file, refused when it was selected on other data (``n`` rows, ``fingerprint``)."""
     cols, meta = _read(path, "subset")
     idx = cols["index"].astype(np.int64)
+    if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
+        raise PruneError(f"{path} was selected on other data (data fingerprint {meta.get('fingerprint')}, this data set "
+                         f"has {fingerprint}); score and select on the data set (and split) you train on.")
     if n is not None and meta.get("n") != n:
         raise PruneError(f"{path} was selected from {meta.get('n')} examples but the data set has {n}; "
                          "score and select on the same data set (and split) you train on.")
     if n is not None and len(idx) and (idx.min() < 0 or idx.max() >= n):
         raise PruneError(f"{path} has indices outside 0..{n - 1}; select again from this data set's scores.")
     return idx, meta
+
+
+def is_prunekit_file(path) -> bool:
+    """Whether ``path`` is a score or subset file prunekit wrote (the only files ``--overwrite`` replaces)."""
+    try:
+        import pyarrow.parquet as pq
+
+        meta = pq.read_schema(str(path)).metadata or {}
+        return json.loads(meta.get(b"prunekit", b"{}")).get("kind") in ("score", "subset")
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False

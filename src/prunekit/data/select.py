@@ -122,6 +122,19 @@ def select(scores, keep: float | None = None, strategy: str = "hardest", *, labe
     n = len(scores)
     if strategy not in STRATEGIES:
         raise PruneError(f"Unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
+    if not np.isfinite(scores).all():
+        raise PruneError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or Inf; score the data again.")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise PruneError(f"--seed must be an integer of at least 0, got {seed}.")
+    if not (isinstance(bins, (int, np.integer)) and bins >= 1):
+        raise PruneError(f"--bins must be at least 1, got {bins}.")
+    if strategy == "dbp":
+        if not temperature > 0 or not np.isfinite(temperature):
+            raise PruneError(f"DBP --temperature must be a positive number, got {temperature}.")
+        if not (isinstance(neighbors, (int, np.integer)) and neighbors >= 1):
+            raise PruneError(f"DBP --neighbors must be at least 1, got {neighbors}.")
+    if eps is not None and not 0.0 < eps <= 2.0:
+        raise PruneError(f"SemDeDup --eps must be in (0, 2] (cosine distance), got {eps}.")
     if strategy == "semdedup":
         if keep is not None:
             check_keep(keep)
@@ -130,12 +143,10 @@ def select(scores, keep: float | None = None, strategy: str = "hardest", *, labe
         return semdedup(_need(embeddings, "semdedup"), _need(clusters, "semdedup"), eps=eps, keep=keep)
     m = budget(n, keep)
     if strategy == "ccs":
-        if not (0.0 <= beta < 1.0):
+        if not (0.0 <= beta < 1.0):  # also false for NaN
             raise PruneError(f"CCS --beta must be in [0, 1), got {beta}.")
         if beta + keep > 1.0 + 1e-9:
             raise PruneError(f"CCS with beta {beta} and keep {keep}: beta + keep > 1; lower one so the sum is at most 1.")
-        if bins < 1:
-            raise PruneError(f"--bins must be at least 1, got {bins}.")
     if strategy == "dbp":
         return dbp(scores, m, _need(embeddings, "dbp"), _need(clusters, "dbp"), seed=seed, temperature=temperature,
                    neighbors=neighbors)
@@ -178,7 +189,7 @@ def dbp(scores, m, z, clusters, *, seed=0, temperature=0.1, neighbors=5):
     ids, intra, inter = cluster_complexity(z, clusters, neighbors)
     comp = intra * inter
     comp = comp / max(comp.max(), 1e-12)
-    w = np.exp((comp - comp.max()) / max(temperature, 1e-6))
+    w = np.exp((comp - comp.max()) / temperature)
     sizes = np.array([(clusters == c).sum() for c in ids])
     quotas = _largest_remainder(sizes, m, weights=w)
     out = []

@@ -91,6 +91,20 @@ class TrainConfig:
     alpha: float = 0.9  # weight of the distillation term when a teacher is given
     steps: int | None = None  # a fixed number of optimizer steps instead of epochs (the same compute for any subset size)
 
+    def check(self) -> None:
+        """One sentence for a value training cannot use."""
+        from prunekit.data.scores import _check_choice, _check_ints, _check_positive
+
+        _check_choice("model", self.model, ("auto", "cnn", "mlp", "linear"))
+        _check_ints(self, ("epochs", 1), ("batch_size", 1), ("width", 1), ("seed", 0))
+        if self.steps is not None:
+            _check_ints(self, ("steps", 1))
+        _check_positive(self, "lr", "temperature")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise PruneError(f"--weight-decay must be 0 or more, got {self.weight_decay}.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise PruneError(f"--alpha must be in [0, 1], got {self.alpha}.")
+
 
 class Standardize(nn.Module):
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, net: nn.Module):
@@ -121,6 +135,7 @@ def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, *,
     AUM). ``teacher_logits`` (aligned with x) switch on distillation. Deterministic for a seed."""
     if len(x) == 0:
         raise PruneError("The subset is empty; keep a larger fraction.")
+    cfg.check()
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     mean, std = _stats(stats_from if stats_from is not None else x)
@@ -178,6 +193,9 @@ def train_subset(ds, keep: np.ndarray | None, cfg: TrainConfig, *, test=None, di
                  teacher_cfg: TrainConfig | None = None, teacher=None, progress: bool = False, encoder: str = "auto") -> dict:
     """Train on ``ds[keep]`` (all of it when ``keep`` is None), optionally distilled from a teacher trained on all
     of ``ds`` (or the given one); report accuracy on ``test`` (when given) and timings."""
+    cfg.check()
+    if teacher_cfg is not None:
+        teacher_cfg.check()
     y_all = torch.from_numpy(ds.require_labels("Training"))
     x_all = features(ds, encoder, progress=progress)
     keep_t = torch.arange(len(ds)) if keep is None else torch.as_tensor(np.asarray(keep), dtype=torch.long)

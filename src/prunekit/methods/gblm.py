@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prunekit.checks import check_finite_tensor
 from prunekit.linear import weight_matrix
 from prunekit.masks import make_mask
 from prunekit.methods.base import Method
@@ -59,6 +60,8 @@ class GBLM(Method):
     def prepare(self, model, batches, targets, progress):
         self.samples = int(batches.shape[0])
         self.gradients = gradient_l2(model, batches, targets, progress) if self.alpha != 0 else {}
+        for name, g in self.gradients.items():
+            check_finite_tensor(g, f"The gradient of the language-model loss for {name}")
 
     def scores(self, w: torch.Tensor, sqnorm: torch.Tensor, name: str) -> torch.Tensor:
         s = w.abs() * (sqnorm / self.samples).sqrt().to(w.dtype).unsqueeze(0)

@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from prunekit.errors import PruneError
+
 from prunekit.masks import n_of_m, per_layer, split_count
 from prunekit.methods.base import Method
 
@@ -36,7 +38,10 @@ def inverse_hessian_cholesky(h: torch.Tensor, dampening: float, max_tries: int =
                     warnings.warn(f"SparseGPT: Hessian not positive definite; raised dampening to {damp:g}", stacklevel=2)
                 return upper, damp
         damp *= 10.0
-    raise RuntimeError(f"SparseGPT: Cholesky failed even with dampening {damp / 10:g}")
+    raise PruneError(
+        f"SparseGPT: the calibration Hessian is not positive definite even with dampening {damp / 10:g}; use more "
+        "calibration samples or another method."
+    )
 
 
 def sparsegpt_(

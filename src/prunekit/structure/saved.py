@@ -191,7 +191,7 @@ def load_structured(path: str | Path, dtype: torch.dtype = torch.float32):
     if tied:
         model.tie_weights()
     model = model.to(dtype).eval()
-    tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False) if (path / "tokenizer_config.json").is_file() else None
     return model, tok
 
 

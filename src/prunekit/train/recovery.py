@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from prunekit.arch import adapter_for, target_layers
+from prunekit.checks import check_finite
 from prunekit.errors import PruneError
 from prunekit.recipe import Recovery, _one_sentence
 
@@ -205,6 +206,7 @@ def recover(
     else:
         raise PruneError(f"recovery must be a Recovery or a dict of its fields, not {type(recovery).__name__}.")
     ids = _check_tokens(token_batches, model)
+    check_finite(model, "The model to recover")
     _check_teacher(rec, teacher, model)
     masks = pruning_masks(model, structured)
 
@@ -234,6 +236,12 @@ def recover(
         for p in params:
             p.requires_grad_(True)
         stats = _train(model, rec, ids, params, masks if rec.method == "full" else None, teacher, device, progress)
+        for p in params:  # the last step can diverge after its loss was finite
+            if not bool(torch.isfinite(p).all()):
+                raise PruneError(
+                    f"Recovery diverged: trained weights are not finite after step {rec.steps}; lower the learning "
+                    f"rate (now {rec.lr:g})."
+                )
         ok = True
     finally:
         if peft_model is not None:

@@ -5,7 +5,6 @@ Registered on the main app in :mod:`prunekit.cli`; heavy imports happen inside t
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,25 +22,18 @@ def bundled_recipes() -> list[str]:
 
 
 def _read_recipe(path: Path) -> dict:
+    from prunekit.recipe import read_mapping
+
     if not path.is_file() and (BUNDLED / f"{path}.yaml").is_file():
         path = BUNDLED / f"{path}.yaml"
     if not path.is_file():
         raise PruneError(f"Recipe {path} does not exist; give the path of a YAML or JSON recipe file or a bundled "
                          f"recipe name ({', '.join(bundled_recipes())}).")
-    text = path.read_text()
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001
-        raise PruneError(f"Recipe {path} is not valid YAML/JSON ({e}); fix the file.") from None
-    if not isinstance(data, dict):
-        raise PruneError(f"Recipe {path} must be a mapping of settings (model, method, schedule, sparsity, ...).")
+    data = read_mapping(path, "Recipe")
     data = data.get("train_prune", data)
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    if not isinstance(data, dict):
+        raise PruneError(f"Recipe {path}: train_prune must be a mapping of settings.")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def train_prune(
@@ -91,8 +83,11 @@ def train_prune(
         raise PruneError("Give the run directory with --out DIR.")
     fields.update({k: v for k, v in flags.items() if v is not None})
     cfg = make_config(**fields)
-    if out.exists() and not overwrite:
-        raise PruneError(f"Output {out} already exists; choose another --out or pass --overwrite.")
+    from prunekit.io import check_output
+
+    check_output(out, overwrite)
+    if threads < 1:
+        raise PruneError(f"--threads must be at least 1, got {threads}.")
     import torch
 
     from prunekit.vision.train import save_run

@@ -34,7 +34,7 @@ FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 class TrainPruneConfig(BaseModel):
     """One training-time pruning run (the recipe of ``prunekit train-prune``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = "cnn"
     dataset: Literal["fashion-mnist", "synthetic"] = "fashion-mnist"
     structure: Literal["weights", "channels"] = Field("weights", description="weights: unstructured masks; "
@@ -101,6 +101,21 @@ class TrainPruneConfig(BaseModel):
         for k in ("batch_size", "score_batches", "synflow_iterations", "prune_every", "rounds"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        for k in ("train_subset", "test_subset"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise ValueError(f"{k} must be at least 1 image")
+        if self.image_size is not None and not 8 <= self.image_size <= 1024:
+            raise ValueError(f"image_size must be in 8..1024 pixels, got {self.image_size}")
+        if self.min_density is not None and not 0.0 <= self.min_density <= 1.0:
+            raise ValueError(f"min_density must be in [0, 1], got {self.min_density}")
         if self.epochs < 0 or self.finetune_epochs < 0 or self.rewind_step < 0:
             raise ValueError("epochs, finetune_epochs and rewind_step must be >= 0")
         if self.schedule == "lottery" and self.epochs < 1:
@@ -442,11 +457,9 @@ def save_run(out: str | Path, model: nn.Module, cfg: TrainPruneConfig, masks: Ma
     prunekit.json (recipe, metrics, tensor shapes for rebuilding), curves.json, curves.png."""
     from safetensors.torch import save_file
 
-    from prunekit.io import atomic_dir
+    from prunekit.io import atomic_dir, check_output, dumps
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise PruneError(f"Output {out} already exists; choose another --out or pass --overwrite.")
+    out = check_output(out, overwrite)
     with atomic_dir(out) as tmp:
         tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         if masks is not None:
@@ -460,8 +473,8 @@ def save_run(out: str | Path, model: nn.Module, cfg: TrainPruneConfig, masks: Ma
         for k in ("dense_acc", "acc_after_prune", "rounds", "gradual", "precrop_ratios", "seconds"):
             if k in info:
                 manifest[k] = info[k]
-        (tmp / "prunekit.json").write_text(json.dumps(manifest, indent=2, default=float))
-        (tmp / "curves.json").write_text(json.dumps(info.get("history", []), indent=2))
+        (tmp / "prunekit.json").write_text(dumps(manifest))
+        (tmp / "curves.json").write_text(dumps(info.get("history", [])))
         _plot_curves(info.get("history", []), tmp / "curves.png", f"{cfg.model} {cfg.method}/{cfg.allocation} {cfg.schedule}")
     return out
 

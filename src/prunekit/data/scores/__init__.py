@@ -37,6 +37,44 @@ class ScoreConfig:
     def to_dict(self):
         return asdict(self)
 
+    def check(self, n: int | None = None) -> None:
+        """One sentence for a value no score can use (``n``: examples in the data set)."""
+        _check_ints(self, ("seed", 0), ("seeds", 1), ("batch_size", 1), ("width", 1), ("embed_dim", 1), ("image_size", 1))
+        if self.epochs is not None and self.epochs < 0:
+            raise PruneError(f"--epochs must be 0 or more, got {self.epochs}.")
+        if self.clusters is not None:
+            if self.clusters < 1:
+                raise PruneError(f"--clusters must be at least 1, got {self.clusters}.")
+            if n is not None and self.clusters > n:
+                raise PruneError(f"--clusters {self.clusters} is more than the {n} examples; use at most {n}.")
+        _check_positive(self, "lr")
+        from prunekit.data.embed import ENCODERS
+
+        _check_choice("model", self.model, ("auto", "cnn", "mlp", "linear"))
+        _check_choice("encoder", self.encoder, ENCODERS)
+        _check_choice("grand-params", self.grand_params, ("all", "last"))
+
+
+def _check_choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise PruneError(f"Unknown --{flag} {value!r}; use one of {', '.join(choices)}.")
+
+
+def _check_ints(cfg, *limits) -> None:
+    for name, low in limits:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise PruneError(f"--{name.replace('_', '-')} must be an integer of at least {low}, got {v}.")
+
+
+def _check_positive(cfg, *names) -> None:
+    import math
+
+    for name in names:
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise PruneError(f"--{name.replace('_', '-')} must be a positive finite number, got {v}.")
+
 
 @dataclass
 class ScoreResult:
@@ -51,14 +89,23 @@ def compute(name: str, ds, cfg: ScoreConfig | None = None, *, engine=None, progr
         raise PruneError(f"Unknown score {name!r}; use one of {', '.join(SCORES)}.")
     if len(ds) < 2:
         raise PruneError("The data set has fewer than 2 examples; give a larger one.")
+    cfg = cfg or ScoreConfig()
+    cfg.check(len(ds))
+    if name in ("el2n", "entropy", "forgetting", "aum") and cfg.epochs == 0:
+        raise PruneError(f"The {name} score needs at least 1 training epoch (only grand is defined at initialization).")
     if name not in LABEL_FREE:
         ds.require_labels(f"The {name} score")
     mod = importlib.import_module(f"prunekit.data.scores.{name}")
     from prunekit.data.engine import get_engine
 
-    res = mod.score(ds, cfg or ScoreConfig(), engine=get_engine(engine), progress=progress)
+    res = mod.score(ds, cfg, engine=get_engine(engine), progress=progress)
     v = np.asarray(res.values, dtype=np.float64)
-    if v.shape != (len(ds),) or not np.isfinite(v).all():
-        raise RuntimeError(f"score {name} returned {v.shape} values with non-finite entries")
+    if v.shape != (len(ds),):
+        raise RuntimeError(f"score {name} returned {v.shape} values for {len(ds)} examples")
+    if not np.isfinite(v).all():
+        raise PruneError(
+            f"The {name} score came out non-finite for {int((~np.isfinite(v)).sum())} examples (training diverged); "
+            "lower --lr or check the data."
+        )
     res.values = v
     return res
