@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from prunekit.vision.channels import count_macs, prune_channels
-from prunekit.vision.masks import Masks, prunable
+from prunekit.core.masks import Masks, prunable
 from prunekit.vision.models import SmallCNN, efficientnet_lite0, sample_photos
 from prunekit.vision.schedules import Rewinder
 from prunekit.vision.train import (batches_of, evaluate, load_data, lottery, make_config, prune_once, recalibrate_bn,
@@ -49,6 +49,14 @@ SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 ONESHOT = (("magnitude", "uniform"), ("magnitude", "global"), ("magnitude", "global-min"), ("magnitude", "lamp"),
            ("taylor", "global-min"))
 AT_INIT = (("snip", "global"), ("grasp", "global"), ("synflow", "global"), ("random", "erk"))
+
+
+def allocation_of(label: str, min_density: float) -> dict:
+    """Row label -> config fields. 'global-min' (Global MP) is global allocation with the per-layer floor; every
+    other row has no floor."""
+    if label == "global-min":
+        return {"allocation": "global", "min_density": min_density}
+    return {"allocation": label, "min_density": None}
 
 
 def log(msg: str) -> None:
@@ -62,7 +70,7 @@ def fashion_part(args) -> list[dict]:
         data = load_data("fashion-mnist", args.train_subset, args.test_subset, seed)
         base = make_config(model="cnn", epochs=args.dense_epochs, finetune_epochs=args.finetune_epochs, seed=seed,
                            min_density=args.min_density, rewind_step=args.rewind_step, prune_every=10,
-                           synflow_iterations=100, allocation="global-min")
+                           synflow_iterations=100, allocation="global")
         torch.manual_seed(seed)
         model = SmallCNN(10, 8)
         init_state = copy.deepcopy(model.state_dict())
@@ -80,7 +88,7 @@ def fashion_part(args) -> list[dict]:
         total_epochs = args.dense_epochs + args.finetune_epochs
         for s in SPARSITIES:
             for crit, alloc in ONESHOT:
-                cfg = base.model_copy(update={"method": crit, "allocation": alloc})
+                cfg = base.model_copy(update={"method": crit, **allocation_of(alloc, args.min_density)})
                 model.load_state_dict(dense_state)
                 masks = prune_once(model, data, cfg, s)
                 masks.apply(model)
@@ -94,7 +102,7 @@ def fashion_part(args) -> list[dict]:
                 if crit == "magnitude" and alloc == "global-min":
                     scratch_masks = masks.copy()
             for crit, alloc in AT_INIT:
-                cfg = base.model_copy(update={"method": crit, "allocation": alloc})
+                cfg = base.model_copy(update={"method": crit, **allocation_of(alloc, args.min_density)})
                 model.load_state_dict(init_state)
                 masks = prune_once(model, data, cfg, s)
                 masks.apply(model)
@@ -105,7 +113,7 @@ def fashion_part(args) -> list[dict]:
                              "min_layer_density": min(dens.values()),
                              "empty_layers": [k for k, v in dens.items() if v == 0.0]})
             # gradual: cubic schedule, layer-wise magnitude, from the same initialization
-            cfg = base.model_copy(update={"method": "magnitude", "allocation": "uniform", "schedule": "gradual",
+            cfg = base.model_copy(update={"method": "magnitude", "allocation": "uniform", "min_density": None, "schedule": "gradual",
                                           "sparsity": s, "epochs": args.dense_epochs})
             model.load_state_dict(init_state)
             m2, masks, info = train_prune(cfg, progress=False, model=model, data=data)
@@ -120,7 +128,8 @@ def fashion_part(args) -> list[dict]:
             log(f"seed {seed}: sparsity {s:.0%} done ({time.perf_counter() - t_seed:.0f}s)")
         # lottery: one IMP trajectory through all sparsities, rewinding to iteration rewind_step
         model.load_state_dict(dense_state)
-        cfg = base.model_copy(update={"method": "magnitude", "allocation": "global-min", "epochs": args.dense_epochs})
+        cfg = base.model_copy(update={"method": "magnitude", **allocation_of("global-min", args.min_density),
+                                      "epochs": args.dense_epochs})
 
         def on_round(target, m, masks, seed=seed):
             rows.append({"seed": seed, "schedule": "lottery", "method": "magnitude/global-min", "sparsity": target,

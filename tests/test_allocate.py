@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import prunekit
-from prunekit import allocate
+from prunekit.core import allocate
+from prunekit.core.masks import kept_total
 from prunekit.arch import adapter_for, target_layers
 from prunekit.linear import weight_matrix
 from tests.conftest import tiny_model
@@ -26,7 +27,7 @@ def test_allocation_hits_total_exactly(method, kind, calib_ids):
     _, rep = prunekit.prune(m, {"method": method, "sparsity": 0.6, "allocation": alloc}, calib_ids, progress=False)
     numel = {n: weight_matrix(mod).numel() for n, mod in _flat(m)}
     zeros = _zeros(m)
-    assert sum(zeros.values()) == int(sum(numel.values()) * 0.6)
+    assert sum(zeros.values()) == sum(numel.values()) - kept_total(sum(numel.values()), 0.6)
     if kind == "global":
         assert all(zeros[n] <= numel[n] - int(numel[n] * 0.3 + 0.999999) for n in numel)  # min density kept
         assert len({round(zeros[n] / numel[n], 3) for n in numel}) > 1  # not uniform
@@ -39,29 +40,29 @@ def test_allocation_hits_total_exactly(method, kind, calib_ids):
 def test_global_minimum_density_binds():
     # layer a holds all the small weights: a plain global threshold would empty it
     a, b = torch.full((10, 10), 0.01) + torch.rand(10, 10) * 1e-3, torch.rand(10, 10) + 1
-    counts = allocate.global_threshold([a, b], 0.5, 0.0)
-    assert counts == [100, 0]
-    counts = allocate.global_threshold([a, b], 0.5, 0.2)
-    assert counts == [80, 20] and sum(counts) == 100
+    keep = allocate.keep_counts({"a": a, "b": b}, 0.5, "global")
+    assert keep == {"a": 0, "b": 100}
+    keep = allocate.keep_counts({"a": a, "b": b}, 0.5, "global", min_density=0.2)
+    assert keep == {"a": 20, "b": 80}
     with pytest.raises(prunekit.PruneError, match="above the target density"):
-        allocate.global_threshold([a, b], 0.5, 0.6)
+        allocate.keep_counts({"a": a, "b": b}, 0.5, "global", min_density=0.6)
 
 
 def test_owl_formula():
     quiet = torch.ones(100)
     loud = torch.ones(100)
     loud[:10] = 100.0  # 10% outliers
-    s = allocate.owl_block_sparsity([quiet, loud, quiet], 0.5, m=5.0, lam=0.1)
+    s = allocate.owl_group_sparsity([quiet, loud, quiet], 0.5, m=5.0, lam=0.1)
     # ratios (0, 0.1, 0) -> rescaled (0, 0.2, 0) -> density shifted to mean 0.5
     assert s == pytest.approx([0.5 + 0.2 / 3, 0.5 - 0.4 / 3, 0.5 + 0.2 / 3])
     assert sum(s) / 3 == pytest.approx(0.5)
     assert max(s) - min(s) == pytest.approx(0.2)
     with pytest.raises(prunekit.PruneError, match="lambda"):
-        allocate.owl_block_sparsity([quiet, loud], 0.5, 5.0, 0.6)
+        allocate.owl_group_sparsity([quiet, loud], 0.5, 5.0, 0.6)
     with pytest.raises(prunekit.PruneError, match="lower lambda"):
-        allocate.owl_block_sparsity([quiet, loud, quiet], 0.9, 5.0, 0.3)
+        allocate.owl_group_sparsity([quiet, loud, quiet], 0.9, 5.0, 0.3)
     with pytest.raises(prunekit.PruneError, match="positive"):
-        allocate.owl_block_sparsity([quiet, loud], 0.5, 0.0, 0.1)
+        allocate.owl_group_sparsity([quiet, loud], 0.5, 0.0, 0.1)
 
 
 def test_per_layer_list(calib_ids):

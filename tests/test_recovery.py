@@ -107,8 +107,7 @@ def test_masked_lora_merges_into_exactly_the_trained_model(ids):
         trained = model(input_ids=ids[:4]).logits
     peft_model.merge_and_unload()
     with torch.no_grad():
-        for _, mod, mask in masks:
-            mod.weight.masked_fill_(mask, 0.0)
+        masks.masks.apply(model)
         merged = model(input_ids=ids[:4]).logits
     torch.testing.assert_close(merged, trained, rtol=1e-4, atol=1e-4)
 

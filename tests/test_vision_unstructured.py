@@ -11,12 +11,18 @@ from torch import nn
 from prunekit.errors import PruneError
 from prunekit.vision import criteria as C
 from prunekit.vision import schedules as S
-from prunekit.vision.allocation import allocate, erk_densities, lamp_scores
-from prunekit.vision.masks import Masks, prunable
+from prunekit.core.allocate import allocate_masks, erk_densities, lamp_scores
+from prunekit.core.masks import Masks, prunable
 from prunekit.vision.models import SmallCNN
 from prunekit.vision.train import load_data, make_config, train_epochs
 
 torch.set_num_threads(1)
+
+
+def allocate(scores, sparsity, allocation="global", min_density=None):
+    """The vision spelling: global-min = global with the per-layer floor."""
+    return allocate_masks(scores, sparsity, "global" if allocation == "global-min" else allocation,
+                          min_density=min_density or 0.0)
 
 
 def layered_scores(seed=0):

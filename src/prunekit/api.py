@@ -7,11 +7,11 @@ import time
 import torch
 from torch import nn
 
-from prunekit import allocate
 from prunekit.arch import adapter_for, target_layers, untargeted_weights
 from prunekit.batches import starts_with_bos
 from prunekit.calibrate import run_sequential
 from prunekit.checks import check_finite
+from prunekit.core.allocate import keep_counts
 from prunekit.errors import PruneError
 from prunekit.evaluate import agreement, greedy, layer_sparsity, perplexity, prompts_from, score_windows, size_summary
 from prunekit.linear import in_features, weight_matrix
@@ -62,31 +62,19 @@ def _dense_importance(model, adapter, per_block, method, batches, recipe, device
 
 
 def _allocate(recipe, model, adapter, per_block, flat, method, batches, device, progress) -> dict[str, int] | None:
-    """Exact number of weights each target layer loses (None for N:M)."""
+    """Exact number of weights each target layer loses (None for N:M), from the shared allocator."""
     if recipe.nm is not None:
         return None
-    names = [n for n, _ in flat]
-    numels = [weight_matrix(m).numel() for _, m in flat]
-    block_of = [bi for bi, block in enumerate(per_block) for _ in block]
     a, s = recipe.allocation, recipe.sparsity
-    if a.kind == "uniform":
-        counts = allocate.uniform(numels, s)
-    elif a.kind == "list":
-        counts = allocate.per_block(numels, block_of, a.per_layer, len(per_block))
-    else:
-        imp = _dense_importance(model, adapter, per_block, method, batches, recipe, device, progress)
-        if a.kind == "global":
-            counts = allocate.global_threshold([imp[n] for n in names], s, a.min_density)
-        else:
-            block_imp = [torch.cat([imp[n].flatten() for n, _ in block]) for block in per_block if block]
-            with_layers = [bi for bi, block in enumerate(per_block) if block]
-            owl = allocate.owl_block_sparsity(block_imp, s, a.owl_m, a.owl_lambda)
-            block_s = [s] * len(per_block)
-            for bi, v in zip(with_layers, owl):
-                block_s[bi] = v
-            counts = allocate.from_block_sparsity(numels, block_of, block_s, s)
-        del imp
-    return dict(zip(names, counts))
+    groups = {name: bi for bi, block in enumerate(per_block) for name, _ in block}
+    if a.kind in ("global", "owl", "lamp"):
+        scores = _dense_importance(model, adapter, per_block, method, batches, recipe, device, progress)
+    else:  # only the shapes matter
+        scores = {name: weight_matrix(m) for name, m in flat}
+    keep = keep_counts(scores, s, a.kind, min_density=a.min_density, groups=groups, owl_m=a.owl_m,
+                       owl_lambda=a.owl_lambda, per_group=a.per_layer)
+    del scores
+    return {name: weight_matrix(m).numel() - keep[name] for name, m in flat}
 
 
 def _record_bos(model: nn.Module, recipe: Recipe, batches) -> Recipe:
@@ -134,8 +122,9 @@ def prune(
     per_block = target_layers(model, adapter, recipe.exclude)
     flat = _check_targets(per_block, recipe)
     method = _method_for(recipe)
-    if recipe.allocation.kind == "list" and recipe.allocation.per_layer is not None:
-        allocate.per_block([1] * len(per_block), list(range(len(per_block))), recipe.allocation.per_layer, len(per_block))
+    if recipe.allocation.kind == "list":  # a list of the wrong length fails before any work
+        keep_counts({n: weight_matrix(m) for n, m in flat}, recipe.sparsity, "list",
+                    groups={n: bi for bi, block in enumerate(per_block) for n, _ in block}, per_group=recipe.allocation.per_layer)
     if method.statistic is not None:
         if calibration_batches is None:
             raise PruneError(f"Method {recipe.method} needs calibration data; pass calibration_batches (token ids).")

@@ -60,11 +60,11 @@ class Calibration(BaseModel):
 
 
 class Allocation(BaseModel):
-    """How the sparsity is spread over layers (see prunekit.allocate)."""
+    """How the sparsity is spread over layers (see prunekit.core.allocate)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    kind: Literal["uniform", "global", "owl", "list"] = "uniform"
-    min_density: float = Field(0.0, description="global: the least fraction of weights any layer keeps")
+    kind: Literal["uniform", "global", "owl", "lamp", "erk", "list"] = "uniform"
+    min_density: float = Field(0.0, description="global / lamp: the least fraction of weights any layer keeps")
     owl_m: float = Field(5.0, description="OWL: a score is an outlier above M x its block's mean score")
     owl_lambda: float = Field(0.08, description="OWL: block sparsities span [s - lambda, s + lambda]")
     per_layer: list[float] | None = Field(None, description="list: one sparsity per decoder layer")

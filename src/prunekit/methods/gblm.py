@@ -13,7 +13,7 @@ from torch import nn
 
 from prunekit.checks import check_finite_tensor
 from prunekit.linear import weight_matrix
-from prunekit.masks import make_mask
+from prunekit.core.masks import layer_keep_mask
 from prunekit.methods.base import Method
 
 
@@ -71,8 +71,9 @@ class GBLM(Method):
 
     def prune_group(self, weights, stat, counts, nm, names):
         for i, w in enumerate(weights):
-            mask = make_mask(self.scores(w, stat, names[i]), None if counts is None else counts[i], nm, group="row")
-            w.masked_fill_(mask, 0.0)
+            keep = layer_keep_mask(self.scores(w, stat, names[i]), None if counts is None else w.numel() - counts[i],
+                                   nm, group="row")
+            w.masked_fill_(~keep, 0.0)
 
     def importance(self, weight, sqnorm, name):
         return self.scores(weight, sqnorm, name)

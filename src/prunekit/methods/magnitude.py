@@ -3,7 +3,7 @@ from one threshold over all target layers (see allocate.py)."""
 
 from __future__ import annotations
 
-from prunekit.masks import make_mask
+from prunekit.core.masks import layer_keep_mask
 from prunekit.methods.base import Method
 
 
@@ -13,8 +13,8 @@ class Magnitude(Method):
 
     def prune_group(self, weights, stat, counts, nm, names):
         for i, w in enumerate(weights):
-            mask = make_mask(w.abs(), None if counts is None else counts[i], nm, group="layer")
-            w.masked_fill_(mask, 0.0)
+            keep = layer_keep_mask(w.abs(), None if counts is None else w.numel() - counts[i], nm, group="layer")
+            w.masked_fill_(~keep, 0.0)
 
     def importance(self, weight, sqnorm, name):
         return weight.abs()

@@ -14,7 +14,7 @@ import torch
 
 from prunekit.errors import PruneError
 
-from prunekit.masks import n_of_m, per_layer, split_count
+from prunekit.core.masks import apportion, keep_highest, keep_n_of_m
 from prunekit.methods.base import Method
 
 
@@ -72,7 +72,7 @@ def sparsegpt_(
     starts = list(range(0, cols, blocksize))
     if nm is None:
         widths = [min(blocksize, cols - s) for s in starts]
-        per_block = [split_count(c, [r * wd for wd in widths]) for c, r in zip(counts, rows)]
+        per_block = [apportion(c, [r * wd for wd in widths], [r * wd for wd in widths]) for c, r in zip(counts, rows)]
 
     # The per-column sweep is thousands of tiny ops: one thread avoids synchronisation costs that dominate
     # them on a CPU (and collapse under any other load); the big trailing update uses every thread.
@@ -85,13 +85,14 @@ def sparsegpt_(
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        removed1 = torch.zeros_like(W1, dtype=torch.bool)
         if nm is None:
             tmp = W1.pow(2) / d.pow(2).unsqueeze(1)
             for seg, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-                mask1[:, a:b] = per_layer(tmp[:, a:b], per_block[seg][bi])
+                part = tmp[:, a:b]
+                removed1[:, a:b] = ~keep_highest(part, part.numel() - per_block[seg][bi])
             # err_i = w_i * mask_i / d_i, the scale fixed up front for the whole block
-            scale = mask1.to(W1.dtype).div_(d.unsqueeze(1))
+            scale = removed1.to(W1.dtype).div_(d.unsqueeze(1))
         else:
             n, m = nm
             scale = torch.zeros_like(W1)
@@ -101,14 +102,14 @@ def sparsegpt_(
             for i in range(count):
                 if nm is not None and i % m == 0:
                     tmp = W1[i : i + m].pow(2) / d[i : i + m].pow(2).unsqueeze(1)
-                    mask1[i : i + m] = n_of_m(tmp.t(), n, m).t()
-                    scale[i : i + m] = mask1[i : i + m].to(W1.dtype).div_(d[i : i + m].unsqueeze(1))
+                    removed1[i : i + m] = ~keep_n_of_m(tmp.t(), n, m).t()
+                    scale[i : i + m] = removed1[i : i + m].to(W1.dtype).div_(d[i : i + m].unsqueeze(1))
                 torch.mul(W1[i], scale[i], out=Err1[i])
                 # OBS update of the remaining columns; on column i itself it leaves w - w*mask = q
                 W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1.0)
         finally:
             torch.set_num_threads(threads)
-        Q1 = W1.masked_fill_(mask1, 0.0)
+        Q1 = W1.masked_fill_(removed1, 0.0)
 
         W[:, i1:i2] = Q1.t()
         if i2 < cols:

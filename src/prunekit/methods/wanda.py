@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.masks import make_mask
+from prunekit.core.masks import layer_keep_mask
 from prunekit.methods.base import Method
 
 
@@ -23,8 +23,8 @@ class Wanda(Method):
     def prune_group(self, weights, stat, counts, nm, names):
         for i, w in enumerate(weights):
             scores = self.scores(w, stat, names[i])
-            mask = make_mask(scores, None if counts is None else counts[i], nm, group="row")
-            w.masked_fill_(mask, 0.0)
+            keep = layer_keep_mask(scores, None if counts is None else w.numel() - counts[i], nm, group="row")
+            w.masked_fill_(~keep, 0.0)
 
     def scores(self, w: torch.Tensor, sqnorm: torch.Tensor, name: str) -> torch.Tensor:
         return wanda_scores(w, sqnorm)

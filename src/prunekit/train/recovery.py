@@ -33,6 +33,7 @@ from torch import nn
 
 from prunekit.arch import adapter_for, target_layers
 from prunekit.checks import check_finite
+from prunekit.core.masks import Masks
 from prunekit.errors import PruneError
 from prunekit.recipe import Recovery, _one_sentence
 
@@ -42,7 +43,16 @@ MIN_LR_FACTOR = 0.1  # the cosine ends at 10% of the recipe's lr
 MAX_GRAD_NORM = 1.0
 _ADAPTER = "default"
 
-Mask = tuple[str, nn.Module, torch.Tensor]  # (module name, layer, bool mask in the layout of layer.weight)
+
+class PruningMasks:
+    """The block linear layers ``[(module name, module)]`` and their :class:`~prunekit.core.masks.Masks` (True = kept,
+    keyed by ``"<module name>.weight"``, in the layout of the weight)."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]], masks: Masks):
+        self.layers, self.masks = layers, masks
+
+    def removed(self, name: str) -> torch.Tensor:
+        return ~self.masks[f"{name}.weight"]
 
 
 def make_recovery(**fields) -> Recovery:
@@ -63,18 +73,18 @@ def make_recovery(**fields) -> Recovery:
         raise PruneError(_one_sentence(e)) from None
 
 
-def pruning_masks(model: nn.Module, structured: bool = False) -> list[Mask]:
-    """The exact zeros of every block linear layer; PruneError when there are none (an unpruned model), unless
+def pruning_masks(model: nn.Module, structured: bool = False) -> PruningMasks:
+    """The masks of every block linear layer (kept = not exactly zero); PruneError when nothing is pruned, unless
     ``structured``: a structurally pruned model lost whole rows and columns instead, so it may have no zeros."""
     adapter = adapter_for(model)
     flat = [t for block in target_layers(model, adapter) for t in block]
-    masks = [(name, mod, mod.weight.detach() == 0) for name, mod in flat]
-    if not structured and not any(bool(m.any()) for _, _, m in masks):
+    masks = Masks.from_zeros(model, [f"{name}.weight" for name, _ in flat])
+    if not structured and masks.kept() == masks.numel():
         raise PruneError(
             f"This {type(model).__name__} has no pruned weights (no zeros in its block layers); prune it first "
             "with `prunekit prune` or prunekit.prune() and recover the pruned model."
         )
-    return masks
+    return PruningMasks(flat, masks)
 
 
 def _check_tokens(token_batches, model: nn.Module) -> torch.Tensor:
@@ -140,27 +150,27 @@ def _masked_lora_forward(self, x, *args, **kwargs):
     return torch.func.functional_call(base, {"weight": base.weight + delta}, (x, *args), kwargs)
 
 
-def _attach_lora(model: nn.Module, masks: list[Mask], rec: Recovery):
+def _attach_lora(model: nn.Module, masks: PruningMasks, rec: Recovery):
     """Inject peft LoRA adapters into every block linear layer (in place); returns the peft wrapper."""
     from peft import LoraConfig, get_peft_model
 
-    fan_in_fan_out = any(type(mod).__name__ == "Conv1D" for _, mod, _ in masks)  # GPT-2 stores [in, out]
+    fan_in_fan_out = any(type(mod).__name__ == "Conv1D" for _, mod in masks.layers)  # GPT-2 stores [in, out]
     cfg = LoraConfig(
         r=rec.lora_rank,
         lora_alpha=rec.lora_alpha,
         lora_dropout=0.0,
         bias="none",
-        target_modules=[name for name, _, _ in masks],
+        target_modules=[name for name, _ in masks.layers],
         fan_in_fan_out=fan_in_fan_out,
     )
     return get_peft_model(model, cfg)
 
 
-def _mask_adapters(model: nn.Module, masks: list[Mask]) -> list[nn.Parameter]:
+def _mask_adapters(model: nn.Module, masks: PruningMasks) -> list[nn.Parameter]:
     """Make every LoRA layer train its update masked; returns the adapters' parameters."""
     from peft.tuners.lora import LoraLayer
 
-    by_name = {name: mask for name, _, mask in masks}
+    by_name = {name: masks.removed(name) for name, _ in masks.layers}
     lora_params: list[nn.Parameter] = []
     for name, mod in model.named_modules():
         if isinstance(mod, LoraLayer) and name in by_name:
@@ -168,8 +178,8 @@ def _mask_adapters(model: nn.Module, masks: list[Mask]) -> list[nn.Parameter]:
             mod.forward = MethodType(_masked_lora_forward, mod)
             lora_params.extend(mod.lora_A[_ADAPTER].parameters())
             lora_params.extend(mod.lora_B[_ADAPTER].parameters())
-    if len(lora_params) != 2 * len(masks):
-        raise PruneError(f"peft placed LoRA adapters on {len(lora_params) // 2} of {len(masks)} block layers; this model's layers are not supported by peft LoRA.")
+    if len(lora_params) != 2 * len(masks.layers):
+        raise PruneError(f"peft placed LoRA adapters on {len(lora_params) // 2} of {len(masks.layers)} block layers; this model's layers are not supported by peft LoRA.")
     return lora_params
 
 
@@ -216,7 +226,7 @@ def recover(
     if rec.method != "lora":
         plain.extend(_norm_and_bias_params(model))
     if rec.method == "full":
-        plain.extend(mod.weight for _, mod, _ in masks)
+        plain.extend(mod.weight for _, mod in masks.layers)
     plain = _unique(plain)
     saved = [(p, p.detach().clone()) for p in plain]  # put back if training fails or is interrupted
     teacher_training = teacher.training if teacher is not None else None
@@ -235,7 +245,7 @@ def recover(
         params = _unique(plain + lora_params)
         for p in params:
             p.requires_grad_(True)
-        stats = _train(model, rec, ids, params, masks if rec.method == "full" else None, teacher, device, progress)
+        stats = _train(model, rec, ids, params, masks.masks if rec.method == "full" else None, teacher, device, progress)
         for p in params:  # the last step can diverge after its loss was finite
             if not bool(torch.isfinite(p).all()):
                 raise PruneError(
@@ -253,8 +263,7 @@ def recover(
             if not ok:
                 for p, old in saved:
                     p.copy_(old)
-            for _, mod, mask in masks:
-                mod.weight.masked_fill_(mask, 0.0)
+            masks.masks.apply(model)
         for p, flag in flags:
             p.grad = None
             p.requires_grad_(flag)
@@ -264,10 +273,24 @@ def recover(
     return model, stats
 
 
-def _train(model, rec: Recovery, ids, params, full_masks, teacher, device, progress: bool) -> dict:
+def _train(model, rec: Recovery, ids, params, full_masks: Masks | None, teacher, device, progress: bool) -> dict:
+    """``full_masks``: every weight trains, the masks attached (removed weights get no gradient, hence no AdamW
+    moment, and are re-zeroed after each step)."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(params, lr=rec.lr, weight_decay=0.0)
+    if full_masks is not None:
+        full_masks.attach(model, opt)
+    try:
+        return _steps(model, rec, ids, params, opt, teacher, device, progress)
+    finally:
+        if full_masks is not None:
+            full_masks.detach()
+
+
+def _steps(model, rec: Recovery, ids, params, opt, teacher, device, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
     warmup = max(1, round(WARMUP_FRACTION * rec.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, rec.steps))
     batches = _index_stream(ids.shape[0], rec.batch_size, torch.Generator().manual_seed(rec.seed))
@@ -302,17 +325,9 @@ def _train(model, rec: Recovery, ids, params, full_masks, teacher, device, progr
             raise PruneError(f"Recovery diverged (loss {value} at step {step + 1}); lower the learning rate (now {rec.lr:g}).")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if full_masks is not None:  # no gradient, hence no AdamW moment, for a pruned weight
-            for _, mod, mask in full_masks:
-                if mod.weight.grad is not None:
-                    mod.weight.grad.masked_fill_(mask, 0.0)
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         opt.step()
         sched.step()
-        if full_masks is not None:
-            with torch.no_grad():
-                for _, mod, mask in full_masks:
-                    mod.weight.masked_fill_(mask, 0.0)
         losses.append(value)
         running = value if running is None else 0.9 * running + 0.1 * value
         bar.set_postfix(loss=f"{running:.4f}", refresh=False)

@@ -127,7 +127,7 @@ def _importance(criterion: str, model: nn.Module, example: torch.Tensor, batches
         return tp.importance.BNScaleImportance()
     if criterion in ("snip", "synflow", "grasp"):
         from prunekit.vision.criteria import score
-        from prunekit.vision.masks import prunable
+        from prunekit.core.masks import prunable
 
         names = list(prunable(model))
         s = score(model, criterion, names, batches=batches, input_shape=input_shape or tuple(example.shape[1:]))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.errors import PruneError
-from prunekit.vision.masks import Masks, prunable
+from prunekit.core.masks import Masks, prunable
 
 CRITERIA = ("magnitude", "random", "snip", "grasp", "synflow", "taylor")
 DATA_FREE = ("magnitude", "random", "synflow")

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from prunekit.core.allocate import allocate_masks
+from prunekit.core.masks import Masks, check_sparsity, prunable
 from prunekit.errors import PruneError
-from prunekit.vision.allocation import allocate
 from prunekit.vision.criteria import CRITERIA, score
-from prunekit.vision.masks import Masks, check_sparsity, prunable
 
 SCHEDULES = ("oneshot", "gradual", "lottery", "at-init", "scratch")
 
@@ -69,7 +69,7 @@ def compute_masks(model: nn.Module, sparsity: float, criterion: str = "magnitude
     names = list(masks) if masks is not None else list(prunable(model, exclude))
     if criterion != "synflow":
         s = score(model, criterion, names, batches=batches, masks=masks, seed=seed, input_shape=input_shape)
-        return allocate(s, sparsity, allocation, min_density)
+        return _allocate(s, sparsity, allocation, min_density)
     if input_shape is None:
         raise PruneError("SynFlow needs the input shape (e.g. 1,28,28).")
     if iterations < 1:
@@ -79,8 +79,12 @@ def compute_masks(model: nn.Module, sparsity: float, criterion: str = "magnitude
     for k in range(1, iterations + 1):
         s_k = 1.0 - start_density * ((1.0 - sparsity) / start_density) ** (k / iterations)
         s = score(model, "synflow", names, masks=cur, input_shape=input_shape)
-        cur = allocate(s, min(max(s_k, 0.0), sparsity), allocation, min_density)
+        cur = _allocate(s, min(max(s_k, 0.0), sparsity), allocation, min_density)
     return cur
+
+
+def _allocate(scores: dict[str, torch.Tensor], sparsity: float, allocation: str, min_density: float | None) -> Masks:
+    return allocate_masks(scores, sparsity, allocation, min_density=min_density or 0.0)
 
 
 class Rewinder:

@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from prunekit.errors import PruneError
-from prunekit.vision.allocation import ALLOCATIONS
+from prunekit.core.allocate import KINDS as ALLOCATIONS
 from prunekit.vision.criteria import CRITERIA
-from prunekit.vision.masks import Masks, check_sparsity, prunable, weight_sparsity
+from prunekit.core.masks import Masks, check_sparsity, prunable, weight_sparsity
 from prunekit.vision.models import VISION_MODELS, build_model
 from prunekit.vision.schedules import SCHEDULES, Rewinder, compute_masks, cubic_sparsity, lottery_sparsities
 
@@ -43,7 +43,7 @@ class TrainPruneConfig(BaseModel):
     allocation: str | None = Field(None, description=" | ".join(ALLOCATIONS) + " (default: global for weights; "
                                    "channels: uniform = same ratio in every group, global = one ranking of "
                                    "normalized group scores over all groups)")
-    min_density: float | None = Field(None, description="global-min: least fraction of weights each layer keeps")
+    min_density: float | None = Field(None, description="global / lamp: least fraction of weights each layer keeps (Global MP's floor)")
     schedule: str = Field("oneshot", description=" | ".join(SCHEDULES))
     sparsity: float = Field(0.9, description="weights: fraction of prunable weights zeroed; channels: fraction of "
                                               "each coupled channel group removed")
@@ -81,6 +81,16 @@ class TrainPruneConfig(BaseModel):
             self.allocation = "uniform" if self.structure == "channels" else "global"
         if self.structure == "channels" and self.allocation not in ("uniform", "global"):
             raise ValueError("channel pruning takes allocation uniform or global")
+        if self.allocation == "global-min":  # the spelling before the shared vocabulary
+            import warnings
+
+            warnings.warn("allocation 'global-min' is now 'global' with min_density (the per-layer floor); "
+                          "'global-min' will be removed in the next release", DeprecationWarning, stacklevel=2)
+            if self.min_density is None:
+                raise ValueError("allocation global-min needs min_density")
+            self.allocation = "global"
+        if self.allocation == "list":
+            raise ValueError("allocation list (a sparsity per layer) is for LLM pruning; use uniform, global, owl, lamp or erk")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.structure == "weights" and self.method not in CRITERIA:
@@ -92,9 +102,7 @@ class TrainPruneConfig(BaseModel):
                              "make gradual_end larger than gradual_start")
         if not (0.0 <= self.gradual_start < 1.0 and 0.0 < self.gradual_end <= 1.0):
             raise ValueError("gradual_start and gradual_end are fractions of all training steps, in [0, 1]")
-        if self.allocation == "global-min":
-            if self.min_density is None:
-                raise ValueError("allocation global-min needs min_density")
+        if self.allocation == "global" and self.min_density is not None:
             if self.min_density > 1.0 - self.sparsity + 1e-12:
                 raise ValueError(f"the per-layer minimum density {self.min_density} is above the target density "
                                  f"{1 - self.sparsity:.4g}; lower min_density or the sparsity")

@@ -1,0 +1,177 @@
+"""Allocation: how one target sparsity spreads over layers, as the exact number of weights each layer keeps.
+
+One function, :func:`keep_counts`, over ``{layer name: scores}`` (any family: LLM block layers, CNN/ViT
+weights). Every kind keeps exactly ``round((1 - sparsity) * N)`` of the N weights (:func:`kept_total`):
+
+* ``uniform``  every layer the same fraction.
+* ``global``   one ranking of the scores over all layers; with ``min_density`` > 0 each layer first keeps its
+               best ``ceil(min_density * n)`` weights (Global MP, Gupta et al. 2022: the floor that prevents layer
+               collapse), the rest of the budget goes to the globally best remaining weights.
+* ``owl``      Outlier-Weighted Layerwise sparsity (Yin et al. 2024): groups (decoder blocks; by default each layer)
+               whose scores hold more outliers (> M x the group's mean) keep more; group sparsities span
+               ``2 * owl_lambda`` around the target.
+* ``lamp``     LAMP (Lee et al. 2021): per layer v_u / sum_{v_j >= v_u} v_j on squared scores, ranked globally
+               (each layer's best weight scores 1 and survives).
+* ``erk``      Erdos-Renyi-Kernel densities (Evci et al. 2020): density proportional to sum(shape) / prod(shape),
+               scaled to the target; layers that would pass density 1 stay dense.
+* ``list``     an explicit sparsity per group (per decoder layer for LLMs, per layer otherwise).
+
+Which weights a layer keeps is the method's business (Wanda compares within rows, SparseGPT updates as it
+goes); :meth:`prunekit.core.masks.Masks.from_scores` keeps each layer's highest scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from prunekit.core.masks import Masks, apportion, check_sparsity, keep_highest, kept_total
+from prunekit.errors import PruneError
+
+KINDS = ("uniform", "global", "owl", "lamp", "erk", "list")
+
+
+def erk_densities(shapes: dict[str, tuple[int, ...]], sparsity: float, power: float = 1.0) -> dict[str, float]:
+    """ERK layer densities whose parameter-weighted mean is ``1 - sparsity`` (RigL's procedure: raise the
+    scale epsilon until some layer would pass density 1, make it dense, solve again for the rest)."""
+    check_sparsity(sparsity)
+    sizes = {k: math.prod(s) for k, s in shapes.items()}
+    raw = {k: (sum(s) / math.prod(s)) ** power for k, s in shapes.items()}
+    keep = (1.0 - sparsity) * sum(sizes.values())
+    dense: set[str] = set()
+    while True:
+        rest = [k for k in shapes if k not in dense]
+        budget = keep - sum(sizes[k] for k in dense)
+        denom = sum(raw[k] * sizes[k] for k in rest)
+        eps = budget / denom if denom > 0 else 0.0
+        over = [k for k in rest if eps * raw[k] > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    return {k: 1.0 if k in dense else eps * raw[k] for k in shapes}
+
+
+def lamp_scores(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, s in scores.items():
+        v = s.float().reshape(-1).pow(2)
+        v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+        vs, idx = torch.sort(v, stable=True)
+        suffix = torch.flip(torch.cumsum(torch.flip(vs, [0]), 0), [0])
+        lamp = torch.empty_like(v)
+        lamp[idx] = vs / suffix.clamp_min(1e-30)
+        lamp = torch.where(torch.isfinite(s.reshape(-1)), lamp, torch.full_like(lamp, -float("inf")))
+        out[k] = lamp.view(s.shape)
+    return out
+
+
+def owl_group_sparsity(group_scores: list[torch.Tensor], sparsity: float, m: float, lam: float) -> list[float]:
+    """OWL: outlier ratio D_g = share of scores above ``m`` x mean in group g; densities are D rescaled to
+    [0, 2 lam], shifted to mean 1 - s: more outliers, more weights kept."""
+    if not m > 0:
+        raise PruneError(f"OWL's outlier multiple M must be positive (typical: 3 to 10), got {m}.")
+    if not 0 <= lam < 0.5:
+        raise PruneError(f"OWL's lambda must be in [0, 0.5) (typical: 0.02 to 0.2), got {lam}.")
+    ratios = []
+    for scores in group_scores:
+        flat = scores.float()
+        ratios.append(float((flat > m * flat.mean()).sum()) / flat.numel())
+    r = torch.tensor(ratios, dtype=torch.float64)
+    if float(r.max() - r.min()) == 0.0:
+        return [sparsity] * len(ratios)
+    r = (r - r.min()) / (r.max() - r.min()) * (2 * lam)
+    density = r - r.mean() + (1 - sparsity)
+    out = [float(1 - d) for d in density]
+    if min(out) < 0 or max(out) >= 1:
+        raise PruneError(
+            f"OWL with lambda {lam:g} at sparsity {sparsity:g} asks some layer for a sparsity outside [0, 1); lower lambda."
+        )
+    return out
+
+
+def _ranked(scores: dict[str, torch.Tensor], total: int, reserve: dict[str, int]) -> dict[str, int]:
+    """Counts from one ranking over all layers after each layer has kept its ``reserve`` best weights."""
+    names = list(scores)
+    kept = {k: keep_highest(scores[k], reserve[k]) for k in names}
+    rest = total - sum(reserve.values())
+    flat = torch.cat([scores[k].float().reshape(-1).masked_fill(kept[k].reshape(-1), float("inf")) for k in names])
+    # the reserved entries rank first (inf), so the global choice takes them plus the best ``rest`` others
+    chosen = keep_highest(flat, total)
+    counts, off = {}, 0
+    for k in names:
+        n = scores[k].numel()
+        counts[k] = int(chosen[off : off + n].sum())
+        off += n
+    assert sum(counts.values()) == total and rest >= 0
+    return counts
+
+
+def keep_counts(
+    scores: dict[str, torch.Tensor],
+    sparsity: float,
+    kind: str = "uniform",
+    *,
+    min_density: float = 0.0,
+    groups: dict[str, int] | None = None,
+    owl_m: float = 5.0,
+    owl_lambda: float = 0.08,
+    per_group: list[float] | None = None,
+    power: float = 1.0,
+) -> dict[str, int]:
+    """``{layer: weights kept}`` at ``sparsity`` spread by ``kind`` (see the module doc).
+
+    ``scores``: the criterion's importance per weight (only the shapes matter for uniform, erk and list).
+    ``groups``: layer -> group index for owl and list (decoder block; default: every layer its own group).
+    """
+    check_sparsity(sparsity)
+    if kind not in KINDS:
+        raise PruneError(f"Unknown allocation {kind!r}; choose one of {', '.join(KINDS)}.")
+    if not 0.0 <= min_density <= 1.0:
+        raise PruneError(f"The per-layer minimum density must be in [0, 1]; got {min_density}.")
+    names = list(scores)
+    sizes = {k: scores[k].numel() for k in names}
+    total = kept_total(sum(sizes.values()), sparsity)
+    groups = groups if groups is not None else {k: i for i, k in enumerate(names)}
+
+    def exact(densities: dict[str, float], target: int) -> dict[str, int]:
+        # largest remainder on the removed side: among equal remainders the earlier layer loses the extra weight
+        removed = apportion(sum(sizes.values()) - target, [sizes[k] * (1 - densities[k]) for k in names],
+                            [sizes[k] for k in names])
+        return {k: sizes[k] - r for k, r in zip(names, removed)}
+
+    if kind == "uniform":
+        return exact({k: 1.0 - sparsity for k in names}, total)
+    if kind == "erk":
+        return exact(erk_densities({k: tuple(scores[k].shape) for k in names}, sparsity, power), total)
+    if kind == "list":
+        n_groups = len(set(groups.values()))
+        if per_group is None or len(per_group) != n_groups:
+            got = 0 if per_group is None else len(per_group)
+            raise PruneError(f"The allocation list has {got} sparsities but the model has {n_groups} layers; give one per layer.")
+        for s in per_group:
+            if not 0.0 <= s < 1.0:
+                raise PruneError(f"Every sparsity in the allocation list must be in [0, 1), got {s}.")
+        return {k: kept_total(sizes[k], per_group[groups[k]]) for k in names}
+    if kind == "owl":
+        order = sorted(set(groups.values()))
+        group_scores = [torch.cat([scores[k].flatten() for k in names if groups[k] == g]) for g in order]
+        gs = dict(zip(order, owl_group_sparsity(group_scores, sparsity, owl_m, owl_lambda)))
+        return exact({k: 1.0 - gs[groups[k]] for k in names}, total)
+    # global and lamp: one ranking over all layers, after the per-layer floor
+    if min_density > 1.0 - sparsity + 1e-12:
+        raise PruneError(
+            f"A per-layer minimum density of {min_density:g} is above the target density {1 - sparsity:g}; "
+            "lower --min-density or the sparsity."
+        )
+    ranked = lamp_scores(scores) if kind == "lamp" else {k: s.detach().float().cpu() for k, s in scores.items()}
+    reserve = {k: min(sizes[k], math.ceil(min_density * sizes[k] - 1e-9)) for k in names}
+    if sum(reserve.values()) > total:
+        raise PruneError(f"The per-layer minimum density {min_density} needs {sum(reserve.values())} weights but "
+                         f"the target keeps {total}; lower --min-density.")
+    return _ranked(ranked, total, reserve)
+
+
+def allocate_masks(scores: dict[str, torch.Tensor], sparsity: float, kind: str = "global", **options) -> Masks:
+    """Keep masks at ``sparsity``: :func:`keep_counts` per layer, then each layer's highest scores."""
+    return Masks.from_scores(scores, keep_counts(scores, sparsity, kind, **options))

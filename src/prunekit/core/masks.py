@@ -1,0 +1,261 @@
+"""Masks: one type for every family. Convention: True = kept (as torch.ao.pruning and open_lth).
+
+* selection: ``keep_highest`` / ``keep_per_row`` / ``keep_n_of_m`` turn scores into keep masks with exactly the
+  requested count; ties are broken by position (among equal scores the earlier positions are removed first),
+  never by a ``<= threshold`` that removes too many (dequantized 4-bit weights tie a lot).
+* :func:`apportion`: the one largest-remainder rounding helper (integer shares that add up exactly).
+* :class:`Masks`: ``{parameter name: bool keep mask}`` for any ``nn.Module``, kept apart from the weights;
+  :meth:`Masks.attach` enforces them in any training loop (gradients of removed weights zeroed, weights re-zeroed
+  after every optimizer step); :meth:`Masks.from_zeros` reads the masks a pruned model holds.
+* :func:`prunable`: the weights a generic module can be masked on (convolutions, linear layers, attention
+  in-projections). Decoder-LLM targets come from :mod:`prunekit.arch` instead.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from prunekit.errors import PruneError
+
+PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+# -- exact rounding ----------------------------------------------------------------------------------------
+
+def apportion(total: int, weights: Sequence[float], caps: Sequence[int] | None = None) -> list[int]:
+    """Integer shares proportional to ``weights`` that add up to exactly ``total`` (largest remainder), none
+    above its cap; what a capped share cannot take goes to the others. Ties go to the earlier index."""
+    n = len(weights)
+    caps = [int(c) for c in caps] if caps is not None else [total] * n
+    total = int(min(total, sum(caps)))
+    out = [0] * n
+    while sum(out) < total:
+        free = [i for i in range(n) if out[i] < caps[i]]
+        left = total - sum(out)
+        w = [max(float(weights[i]), 0.0) for i in free]
+        if sum(w) <= 0:
+            w = [1.0] * len(free)
+        exact = [left * x / sum(w) for x in w]
+        add = [min(int(math.floor(e)), caps[i] - out[i]) for e, i in zip(exact, free)]
+        rest = left - sum(add)
+        order = sorted(range(len(free)), key=lambda j: exact[j] - math.floor(exact[j]), reverse=True)
+        for j in order:
+            if rest <= 0:
+                break
+            if out[free[j]] + add[j] < caps[free[j]]:
+                add[j] += 1
+                rest -= 1
+        if not any(add):
+            break
+        for j, i in enumerate(free):
+            out[i] += add[j]
+    return out
+
+
+def kept_total(numel: int, sparsity: float) -> int:
+    """The one rule for "how many": at ``sparsity`` s exactly round((1 - s) * N) of N weights are kept."""
+    return int(round((1.0 - float(sparsity)) * numel))
+
+
+# -- selection: scores -> keep masks with exact counts -----------------------------------------------------
+
+def keep_highest(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Keep mask (same shape) of exactly ``keep`` entries: the highest scores; among ties at the threshold the
+    earlier positions are removed first."""
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    drop = n - int(keep)
+    mask = torch.ones(n, dtype=torch.bool, device=flat.device)
+    if drop <= 0:
+        return mask.view(scores.shape)
+    if drop >= n:
+        return (~mask).view(scores.shape)
+    thr = flat.kthvalue(drop).values
+    removed = flat < thr
+    remaining = drop - int(removed.sum())
+    if remaining > 0:
+        ties = (flat == thr).nonzero().squeeze(1)[:remaining]
+        removed[ties] = True
+    return (~removed).view(scores.shape)
+
+
+def keep_per_row(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Keep ``keep`` weights of an ``[out, in]`` matrix with the removals spread evenly over the rows (Wanda's
+    comparison group): every row loses ``removed // rows`` of its lowest scores, the first ``removed % rows`` rows
+    one more. Ties within a row: the earlier column is removed first."""
+    rows, _ = scores.shape
+    base, extra = divmod(scores.numel() - int(keep), rows)
+    k = base + (1 if extra else 0)
+    keep_mask = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        idx = scores.argsort(dim=1, stable=True)[:, :k]
+        keep_mask.scatter_(1, idx, False)
+        if extra:  # the rows past the first ``extra`` keep their k-th lowest weight
+            keep_mask[extra:].scatter_(1, idx[extra:, k - 1 : k], True)
+    return keep_mask
+
+
+def keep_n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The ``N:M`` pattern: in every group of ``m`` consecutive inputs of each row the ``n`` lowest scores are
+    removed (prunekit's N:M = N zeros in every M, so 2:4 is the 2:4 of sparse tensor cores)."""
+    out, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"{cols} input columns are not divisible by M={m}")
+    groups = scores.reshape(out, cols // m, m)
+    idx = groups.argsort(dim=2, stable=True)[..., :n]
+    keep = torch.ones_like(groups, dtype=torch.bool).scatter_(2, idx, False)
+    return keep.view(out, cols)
+
+
+def layer_keep_mask(scores: torch.Tensor, keep: int | None, nm: tuple[int, int] | None, group: str = "row") -> torch.Tensor:
+    """Keep mask for one ``[out, in]`` layer: N:M when ``nm`` is given, else ``keep`` weights chosen per ``row``
+    (removals spread over the rows) or over the whole ``layer``."""
+    if nm is not None:
+        return keep_n_of_m(scores, *nm)
+    return keep_per_row(scores, keep) if group == "row" else keep_highest(scores, keep)
+
+
+# -- which weights of a generic module can be masked ------------------------------------------------------
+
+def prunable(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Parameter]:
+    """Name -> parameter of every prunable weight, in module order; ``exclude``: fnmatch patterns of names."""
+    exclude = list(exclude)
+    out: dict[str, nn.Parameter] = {}
+    for mname, mod in model.named_modules():
+        pname = None
+        if isinstance(mod, PRUNABLE_TYPES) or type(mod).__name__ == "Conv1D":
+            pname = "weight"
+        elif isinstance(mod, nn.MultiheadAttention) and mod.in_proj_weight is not None:
+            pname = "in_proj_weight"
+        if pname is None or getattr(mod, pname, None) is None:
+            continue
+        name = f"{mname}.{pname}" if mname else pname
+        if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(mname, p) for p in exclude):
+            continue
+        out[name] = getattr(mod, pname)
+    if not out:
+        raise PruneError("The model has no prunable weights (Conv/Linear) left after --exclude; exclude fewer layers.")
+    return out
+
+
+def check_sparsity(sparsity: float, what: str = "target sparsity") -> float:
+    if not isinstance(sparsity, (int, float)) or not (0.0 <= float(sparsity) < 1.0):
+        raise PruneError(f"The {what} must be in [0, 1), e.g. 0.9 for 90%; got {sparsity}.")
+    return float(sparsity)
+
+
+def weight_sparsity(model: nn.Module, names: Iterable[str]) -> float:
+    """Fraction of exact zeros in the named weights (what a saved model really holds)."""
+    params = dict(model.named_parameters())
+    z = n = 0
+    for k in names:
+        z += int((params[k] == 0).sum())
+        n += params[k].numel()
+    return z / max(1, n)
+
+
+class Masks:
+    """``{parameter name: bool mask}``, True = kept; masks live beside the weights, never inside them."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]):
+        self.masks = {k: v.bool() for k, v in masks.items()}
+        self._handles: list = []
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def dense(cls, model: nn.Module, exclude: Iterable[str] = ()) -> Masks:
+        return cls({k: torch.ones_like(p, dtype=torch.bool) for k, p in prunable(model, exclude).items()})
+
+    @classmethod
+    def from_zeros(cls, model: nn.Module, names: Iterable[str] | None = None) -> Masks:
+        """The masks a pruned model holds: kept = the weight is not exactly zero (``names``: parameter names;
+        default every prunable weight)."""
+        params = dict(model.named_parameters())
+        names = list(prunable(model)) if names is None else list(names)
+        missing = [k for k in names if k not in params]
+        if missing:
+            raise PruneError(f"The model has no parameter {missing[0]!r}.")
+        return cls({k: params[k].detach() != 0 for k in names})
+
+    @classmethod
+    def from_scores(cls, scores: dict[str, torch.Tensor], keep: dict[str, int]) -> Masks:
+        """Per layer, the ``keep[name]`` highest scores (ties: earlier positions removed first)."""
+        return cls({k: keep_highest(s.detach().cpu(), keep[k]) for k, s in scores.items()})
+
+    def __getitem__(self, k: str) -> torch.Tensor:
+        return self.masks[k]
+
+    def __iter__(self):
+        return iter(self.masks)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def items(self):
+        return self.masks.items()
+
+    def copy(self) -> Masks:
+        return Masks({k: v.clone() for k, v in self.masks.items()})
+
+    # -- statistics ---------------------------------------------------------------------------------------
+    def numel(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
+
+    def kept(self) -> int:
+        return int(sum(int(m.sum()) for m in self.masks.values()))
+
+    def sparsity(self) -> float:
+        """Fraction of the masked weights that are removed."""
+        return 1.0 - self.kept() / max(1, self.numel())
+
+    def layer_density(self) -> dict[str, float]:
+        return {k: float(m.float().mean()) for k, m in self.masks.items()}
+
+    def stats(self) -> dict:
+        return {"layers": len(self.masks), "params": self.numel(), "kept": self.kept(), "sparsity": self.sparsity()}
+
+    # -- enforcement --------------------------------------------------------------------------------------
+    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        params = dict(model.named_parameters())
+        missing = [k for k in self.masks if k not in params]
+        if missing:
+            raise PruneError(f"Masks name parameters the model lacks ({', '.join(missing[:3])}); "
+                             "use masks computed for this model.")
+        return {k: params[k] for k in self.masks}
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Zero the removed weights in place."""
+        for k, p in self._params(model).items():
+            p.masked_fill_(~self.masks[k].to(p.device), 0.0)
+        return model
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Masks:
+        """Enforce the masks while training: gradients of removed weights are zeroed by a hook (so momentum and
+        weight decay never revive them), and the weights are re-masked after each ``optimizer.step()``. Call
+        :meth:`detach` to stop."""
+        self.detach()
+        self.apply(model)
+        for k, p in self._params(model).items():
+            self._handles.append(p.register_hook(lambda g, m=self.masks[k]: g.masked_fill(~m.to(g.device), 0.0)))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.apply(model)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -- saving (no pickle) -------------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"mask::{k}": v.to(torch.uint8).contiguous() for k, v in self.masks.items()}
+
+    @classmethod
+    def from_state(cls, sd: dict[str, torch.Tensor]) -> Masks:
+        return cls({k[len("mask::"):]: v.bool() for k, v in sd.items() if k.startswith("mask::")})
