@@ -29,32 +29,26 @@ PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 def apportion(total: int, weights: Sequence[float], caps: Sequence[int] | None = None) -> list[int]:
     """Integer shares proportional to ``weights`` that add up to exactly ``total`` (largest remainder), none
-    above its cap; what a capped share cannot take goes to the others. Ties go to the earlier index."""
+    above its cap; what a capped share cannot take is handed on to the others, proportionally. Ties go to the
+    earlier index. (The one rounding helper: layer counts, column blocks, class and cluster quotas.)"""
     n = len(weights)
-    caps = [int(c) for c in caps] if caps is not None else [total] * n
+    caps = [int(c) for c in caps] if caps is not None else [int(total)] * n
     total = int(min(total, sum(caps)))
-    out = [0] * n
-    while sum(out) < total:
-        free = [i for i in range(n) if out[i] < caps[i]]
-        left = total - sum(out)
-        w = [max(float(weights[i]), 0.0) for i in free]
-        if sum(w) <= 0:
-            w = [1.0] * len(free)
-        exact = [left * x / sum(w) for x in w]
-        add = [min(int(math.floor(e)), caps[i] - out[i]) for e, i in zip(exact, free)]
-        rest = left - sum(add)
-        order = sorted(range(len(free)), key=lambda j: exact[j] - math.floor(exact[j]), reverse=True)
-        for j in order:
-            if rest <= 0:
-                break
-            if out[free[j]] + add[j] < caps[free[j]]:
-                add[j] += 1
-                rest -= 1
-        if not any(add):
-            break
-        for j, i in enumerate(free):
-            out[i] += add[j]
-    return out
+    quota = [0] * n
+    while sum(quota) < total:
+        free = [quota[i] < caps[i] for i in range(n)]
+        left = total - sum(quota)
+        share = [max(float(weights[i]), 0.0) if free[i] else 0.0 for i in range(n)]
+        if sum(share) <= 0:
+            share = [1.0 if f else 0.0 for f in free]
+        norm = sum(share)
+        share = [x / norm * left for x in share]
+        q = [int(math.floor(x)) for x in share]
+        order = [i for i in sorted(range(n), key=lambda i: -(share[i] - q[i])) if free[i]]
+        for i in order[: left - sum(q)]:
+            q[i] += 1
+        quota = [quota[i] + min(q[i], caps[i] - quota[i]) for i in range(n)]
+    return quota
 
 
 def kept_total(numel: int, sparsity: float) -> int:

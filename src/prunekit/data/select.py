@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from prunekit.core.masks import apportion
 from prunekit.errors import PruneError
 
 STRATEGIES = ("easiest", "hardest", "random", "ccs", "dbp", "semdedup")
@@ -93,25 +94,10 @@ def _ccs(scores, m, seed, beta, bins):
 
 
 def _largest_remainder(sizes: np.ndarray, total: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """Integer quotas summing to ``total``, proportional to ``weights`` (default: sizes), each at most its size;
-    what a full group cannot take is handed on to the others."""
+    """Integer quotas summing to ``total``, proportional to ``weights`` (default: sizes), each at most its size."""
     sizes = np.asarray(sizes, dtype=np.int64)
     w = sizes.astype(np.float64) if weights is None else np.asarray(weights, dtype=np.float64)
-    quota = np.zeros(len(sizes), dtype=np.int64)
-    total = int(min(total, sizes.sum()))
-    while quota.sum() < total:
-        free = quota < sizes
-        left = total - int(quota.sum())
-        share = np.where(free, w, 0.0)
-        if share.sum() <= 0:
-            share = free.astype(np.float64)
-        share = share / share.sum() * left
-        q = np.floor(share).astype(np.int64)
-        order = np.argsort(-(share - q), kind="stable")
-        order = order[free[order]]
-        q[order[:left - int(q.sum())]] += 1
-        quota += np.minimum(q, sizes - quota)
-    return quota
+    return np.asarray(apportion(int(total), w.tolist(), sizes.tolist()), dtype=np.int64)
 
 
 def select(scores, keep: float | None = None, strategy: str = "hardest", *, labels=None, class_balanced: bool = False,
