@@ -42,21 +42,21 @@ def configs(n_layers: int, quick: bool, greedy: bool) -> list[tuple[str, dict]]:
         for crit in ("fluctuation", "magnitude") if quick else CRITERIA:
             for comp in (False, True):
                 label = f"heads+mlp {ratio:.0%} {crit}" + (" + bias comp." if comp else "")
-                rows.append((label, {"kinds": ["heads", "mlp"], "ratio": ratio, "criterion": crit, "bias_compensation": comp}))
+                rows.append((label, {"kinds": ["heads", "mlp"], "sparsity": ratio, "criterion": crit, "bias_compensation": comp}))
         # FLAP as published: fluctuation, standardized scores ranked over all layers, bias compensation
         rows.append((f"heads+mlp {ratio:.0%} FLAP (global + bias comp.)",
-                     {"kinds": ["heads", "mlp"], "ratio": ratio, "criterion": "fluctuation", "global_rank": True,
+                     {"kinds": ["heads", "mlp"], "sparsity": ratio, "criterion": "fluctuation", "global_rank": True,
                       "bias_compensation": True}))
     # MLP channels only: the configuration Torch-Pruning can also prune on this model (see torch_pruning_mlp)
-    rows.append(("mlp 50% magnitude", {"kinds": ["mlp"], "ratio": 0.5, "criterion": "magnitude"}))
-    rows.append(("mlp 50% fluctuation + bias comp.", {"kinds": ["mlp"], "ratio": 0.5, "criterion": "fluctuation",
+    rows.append(("mlp 50% magnitude", {"kinds": ["mlp"], "sparsity": 0.5, "criterion": "magnitude"}))
+    rows.append(("mlp 50% fluctuation + bias comp.", {"kinds": ["mlp"], "sparsity": 0.5, "criterion": "fluctuation",
                                                       "bias_compensation": True}))
-    rows.append(("mlp 50% Torch-Pruning (group L2 magnitude)", {"peer": "torch-pruning", "ratio": 0.5}))
+    rows.append(("mlp 50% Torch-Pruning (group L2 magnitude)", {"peer": "torch-pruning", "sparsity": 0.5}))
     # hidden size (Minitron): the residual stream loses channels everywhere
     if not quick:
         for crit in ("fluctuation", "magnitude"):
             rows.append((f"hidden 25% {'activation (Minitron)' if crit == 'fluctuation' else crit}",
-                         {"kinds": ["hidden"], "ratio": 0.25, "criterion": crit}))
+                         {"kinds": ["hidden"], "sparsity": 0.25, "criterion": crit}))
     for frac in (0.15, 0.25):
         k = int(frac * n_layers + 0.5)
         rows.append((f"blocks {frac:.0%} ({k} of {n_layers})", {"remove_layers": k}))
@@ -134,9 +134,9 @@ def device_check() -> None:
     probe = torch.randint(0, cfg.vocab_size, (2, 128))
     print(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
     cases = [
-        ("heads+mlp 50% fluctuation + bias comp.", {"kinds": ["heads", "mlp"], "ratio": 0.5, "bias_compensation": True}),
-        ("FLAP global 30%", {"kinds": ["heads", "mlp"], "ratio": 0.3, "global_rank": True, "bias_compensation": True}),
-        ("heads 50% kv groups", {"kinds": ["heads"], "ratio": 0.5, "gqa": "kv"}),
+        ("heads+mlp 50% fluctuation + bias comp.", {"kinds": ["heads", "mlp"], "sparsity": 0.5, "bias_compensation": True}),
+        ("FLAP global 30%", {"kinds": ["heads", "mlp"], "sparsity": 0.3, "global_rank": True, "bias_compensation": True}),
+        ("heads 50% kv groups", {"kinds": ["heads"], "sparsity": 0.5, "gqa": "kv"}),
         ("blocks 2", {"remove_layers": 2}),
         ("sublayers 3", {"remove_sublayers": 3}),
     ]
@@ -160,7 +160,7 @@ def device_check() -> None:
 
 def speed_check(model, calib, seqlen: int, runs: int, vocab: int, n_layers: int, out: Path) -> None:
     """The issue's two speed targets measured with many pairs: median speed-up and its quartiles."""
-    cases = [("heads+mlp 50% fluctuation + bias comp.", {"kinds": ["heads", "mlp"], "ratio": 0.5, "bias_compensation": True}, 1.7),
+    cases = [("heads+mlp 50% fluctuation + bias comp.", {"kinds": ["heads", "mlp"], "sparsity": 0.5, "bias_compensation": True}, 1.7),
              (f"blocks 25% ({int(0.25 * n_layers + 0.5)} of {n_layers})", {"remove_layers": int(0.25 * n_layers + 0.5)}, 1.3)]
     lines = [f"Speed targets, {runs} dense/pruned pairs per batch size, {seqlen}-token prefill, torch threads "
              f"{torch.get_num_threads()}, {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}.", "",
@@ -235,7 +235,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if st.get("peer") == "torch-pruning":
             try:
-                m, summ = torch_pruning_mlp(model, st["ratio"], vocab)
+                m, summ = torch_pruning_mlp(model, st["sparsity"], vocab)
             except ImportError:
                 print(f"{label}: skipped (pip install torch-pruning --no-deps)", flush=True)
                 continue

@@ -29,7 +29,7 @@ from prunekit.structure import count_params
 HERE = Path(__file__).resolve().parent
 
 CONFIGS = [
-    ("heads+mlp 30% FLAP (global + bias comp.)", {"kinds": ["heads", "mlp"], "ratio": 0.3, "criterion": "fluctuation",
+    ("heads+mlp 30% FLAP (global + bias comp.)", {"kinds": ["heads", "mlp"], "sparsity": 0.3, "criterion": "fluctuation",
                                                   "global_rank": True, "bias_compensation": True}),
     ("blocks 25% (8 of 30)", {"remove_layers": 8}),
 ]

@@ -88,7 +88,7 @@ def fashion_part(args) -> list[dict]:
         total_epochs = args.dense_epochs + args.finetune_epochs
         for s in SPARSITIES:
             for crit, alloc in ONESHOT:
-                cfg = base.model_copy(update={"method": crit, **allocation_of(alloc, args.min_density)})
+                cfg = base.model_copy(update={"criterion": crit, **allocation_of(alloc, args.min_density)})
                 model.load_state_dict(dense_state)
                 masks = prune_once(model, data, cfg, s)
                 masks.apply(model)
@@ -102,7 +102,7 @@ def fashion_part(args) -> list[dict]:
                 if crit == "magnitude" and alloc == "global-min":
                     scratch_masks = masks.copy()
             for crit, alloc in AT_INIT:
-                cfg = base.model_copy(update={"method": crit, **allocation_of(alloc, args.min_density)})
+                cfg = base.model_copy(update={"criterion": crit, **allocation_of(alloc, args.min_density)})
                 model.load_state_dict(init_state)
                 masks = prune_once(model, data, cfg, s)
                 masks.apply(model)
@@ -113,7 +113,7 @@ def fashion_part(args) -> list[dict]:
                              "min_layer_density": min(dens.values()),
                              "empty_layers": [k for k, v in dens.items() if v == 0.0]})
             # gradual: cubic schedule, layer-wise magnitude, from the same initialization
-            cfg = base.model_copy(update={"method": "magnitude", "allocation": "uniform", "min_density": None, "schedule": "gradual",
+            cfg = base.model_copy(update={"criterion": "magnitude", "allocation": "uniform", "min_density": None, "schedule": "gradual",
                                           "sparsity": s, "epochs": args.dense_epochs})
             model.load_state_dict(init_state)
             m2, masks, info = train_prune(cfg, progress=False, model=model, data=data)
@@ -128,7 +128,7 @@ def fashion_part(args) -> list[dict]:
             log(f"seed {seed}: sparsity {s:.0%} done ({time.perf_counter() - t_seed:.0f}s)")
         # lottery: one IMP trajectory through all sparsities, rewinding to iteration rewind_step
         model.load_state_dict(dense_state)
-        cfg = base.model_copy(update={"method": "magnitude", **allocation_of("global-min", args.min_density),
+        cfg = base.model_copy(update={"criterion": "magnitude", **allocation_of("global-min", args.min_density),
                                       "epochs": args.dense_epochs})
 
         def on_round(target, m, masks, seed=seed):

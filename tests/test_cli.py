@@ -73,7 +73,8 @@ def test_recipe_file_and_flag_override(tiny_dir, tmp_path):
         (["--allocation", "global", "--min-density", "0.6"], "above the target density"),
         (["--allocation", "owl", "--owl-lambda", "0.7"], "lambda"),
         (["--calib-mode", "twice"], "calibration.mode"),
-        (["--method", "gblm", "--gblm-alpha", "-1"], "gblm_alpha"),
+        (["--method", "gblm", "--gblm-alpha", "-1"], "gblm option alpha"),
+        (["--method", "wanda", "--gblm-alpha", "1"], "option of method gblm"),
     ],
 )
 def test_bad_input_exit_2_nothing_written(tiny_dir, tmp_path, args, phrase):

@@ -175,3 +175,71 @@ def test_attach_enforces_masks_in_a_plain_loop():
         assert (dict(net.named_parameters())[k][~m] == 0).all()
     masks.detach()
     assert masks.stats()["sparsity"] == pytest.approx(0.5)
+
+
+def test_api_prune_runs_the_recipe_recovery_section():
+    from tests.conftest import bos_tokenizer, tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    recipe = {"method": "wanda", "sparsity": 0.5, "recovery": {"method": "full", "steps": 3, "lr": 1e-3, "batch_size": 2}}
+    with pytest.raises(PruneError, match="recovery section"):
+        prunekit.prune(tiny_model("llama"), recipe, ids, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, rep = prunekit.prune(model, recipe, ids, recovery_batches=ids, progress=False)
+    assert rep.summary["recovery"]["steps"] == 3 and rep.times["recovery_s"] > 0
+    assert rep.summary["target_sparsity"] == pytest.approx(0.5)
+    moved = [k for k, v in model.state_dict().items() if ".layers." in k and not torch.equal(v, before[k])]
+    assert moved  # trained
+    # given token ids, the recorded calibration says so (no text), with their real shape
+    assert rep.recipe["calibration"]["text"] is None and rep.recipe["calibration"]["samples"] == 8
+    # with a tokenizer the windows are drawn from the recipe's texts
+    import pydoc_data.topics  # noqa: F401
+
+    _, rep2 = prunekit.prune(tiny_model("llama"), {"method": "wanda", "calibration": {"text": "pydoc", "samples": 4, "seqlen": 16}},
+                             tokenizer=bos_tokenizer(), progress=False)
+    assert rep2.recipe["calibration"]["text"] == "pydoc" and rep2.recipe["calibration"]["bos"] is True
+
+
+@pytest.mark.parametrize("old,new", [({"blocksize": 64}, ("options", "blocksize", 64)),
+                                     ({"structure": {"kinds": ["mlp"], "ratio": 0.25}}, ("structure", "sparsity", 0.25))])
+def test_deprecated_recipe_keys_still_run_and_warn(old, new, calib_ids):
+    from tests.conftest import tiny_model
+
+    fields = {"method": "sparsegpt", **old} if "blocksize" in old else old
+    with pytest.warns(FutureWarning, match="next release"):
+        r = prunekit.Recipe.make(**fields)
+    section, key, value = new
+    assert (r.options if section == "options" else r.structure.model_dump())[key] == value
+    with pytest.warns(FutureWarning):
+        _, rep = prunekit.prune(tiny_model("llama"), fields, calib_ids, progress=False)
+    assert rep.recipe[section][key] == value
+
+
+def test_vision_deprecated_spellings_still_run_and_warn():
+    from prunekit.vision.train import make_config
+
+    with pytest.warns(FutureWarning):
+        cfg = make_config(method="snip", allocation="global-min", min_density=0.01, sparsity=0.9)
+    assert cfg.criterion == "snip" and cfg.allocation == "global" and cfg.min_density == 0.01
+
+
+def test_registries_give_the_choices():
+    from prunekit.core.allocate import ALLOCATIONS
+    from prunekit.data.scores import SCORES
+    from prunekit.data.select import STRATEGIES
+    from prunekit.methods import METHODS
+    from prunekit.structure.importance import CRITERIA as STRUCTURED
+    from prunekit.train.recovery import RECOVERY_METHODS
+    from prunekit.vision.channels import CHANNEL_CRITERIA
+    from prunekit.vision.criteria import CRITERIA
+    from prunekit.vision.schedules import SCHEDULES
+
+    for reg, some in ((METHODS, "sparsegpt"), (ALLOCATIONS, "owl"), (SCORES, "el2n"), (STRATEGIES, "ccs"),
+                      (STRUCTURED, "fluctuation"), (RECOVERY_METHODS, "perp"), (CHANNEL_CRITERIA, "bn-scale"),
+                      (CRITERIA, "synflow"), (SCHEDULES, "lottery")):
+        assert some in reg
+        with pytest.raises(PruneError, match=f"choose one of: .*{some}"):
+            reg.canonical("no-such-thing")
+    with pytest.raises(PruneError, match="Unknown method 'x'; choose one of: magnitude, wanda, sparsegpt, gblm"):
+        prunekit.Recipe.make(method="x")

@@ -155,3 +155,18 @@ def test_array_data_scores_with_an_mlp(tmp_path):
     ds = load_dataset(str(tmp_path / "d.npz"))
     res = score(ds, "el2n", ScoreConfig(seeds=2, epochs=5))
     assert np.isin(np.argsort(-res.values)[:30], bad).mean() >= 0.7
+
+
+def test_data_recipe_file_and_flag_override(monkeypatch, capsys, tmp_path):
+    scores = tmp_path / "s.parquet"
+    assert cli(monkeypatch, capsys, "score", "digits", "--score", "random", "--out", scores)[0] == 0
+    r = tmp_path / "select.yaml"
+    r.write_text("keep: 0.3\nstrategy: ccs\nclass-balanced: true\n")
+    code, out, err = cli(monkeypatch, capsys, "select", scores, "--recipe", r, "--out", tmp_path / "a.parquet")
+    assert code == 0, err
+    assert "30.0%" in out and "by ccs" in out
+    code, out, err = cli(monkeypatch, capsys, "select", scores, "--recipe", r, "--keep", "0.5", "--out", tmp_path / "b.parquet")
+    assert code == 0 and "50.0%" in out and "by ccs" in out  # the flag wins over the file
+    r.write_text("kep: 0.3\n")
+    code, _, err = cli(monkeypatch, capsys, "select", scores, "--recipe", r, "--out", tmp_path / "c.parquet")
+    assert code == 2 and "unknown field 'kep'" in err and not (tmp_path / "c.parquet").exists()

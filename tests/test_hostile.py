@@ -96,7 +96,9 @@ def test_non_finite_activations_are_refused():
                                         ("--ratio", "nan")])
 def test_non_finite_hyperparameters(tiny_dir, tmp_path, flag, value):
     d, text = tiny_dir
-    rc, _, err = _prune(d, text, tmp_path / "o", flag, value)
+    method = {"--gblm-alpha": ("--method", "gblm"), "--dampening": ("--method", "sparsegpt"),
+              "--ratio": ("--structure", "mlp")}.get(flag, ())
+    rc, _, err = _prune(d, text, tmp_path / "o", *method, flag, value)
     assert rc == 2 and "finite" in error_line(err)
 
 

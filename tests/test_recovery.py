@@ -159,10 +159,10 @@ def test_interrupt_propagates_and_restores_the_model(ids, method):
 @pytest.mark.parametrize(
     "fields, phrase",
     [
-        ({"steps": 0}, "Invalid steps: must be a positive integer, got 0"),
-        ({"lr": 0}, "Invalid lr: must be positive"),
-        ({"lora_rank": 0}, "Invalid lora_rank"),
-        ({"distill_weight": 1.5}, "Invalid distill_weight"),
+        ({"steps": 0}, "Invalid recovery steps: must be a positive integer, got 0"),
+        ({"lr": 0}, "Invalid recovery lr: must be positive"),
+        ({"lora_rank": 0}, "Invalid recovery lora_rank"),
+        ({"distill_weight": 1.5}, "Invalid recovery distill_weight"),
         ({"method": "sgd"}, "Unknown recovery method 'sgd'"),
         ({"rank": 4}, "Unknown recovery field 'rank'"),
     ],
@@ -246,9 +246,9 @@ def test_cli_round_trip(pruned_dir, tmp_path, method):
 @pytest.mark.parametrize(
     "args, phrase",
     [
-        (["--steps", "0"], "Invalid steps"),
-        (["--lr", "0"], "Invalid lr"),
-        (["--lora-rank", "0"], "Invalid lora_rank"),
+        (["--steps", "0"], "Invalid recovery steps"),
+        (["--lr", "0"], "Invalid recovery lr"),
+        (["--lora-rank", "0"], "Invalid recovery lora_rank"),
         (["--method", "sgd"], "Unknown recovery method"),
         (["--text", "nosuchtext"], "Unknown text"),
         (["--eval-windows", "0"], "--eval-windows must be positive"),

@@ -444,9 +444,9 @@ def test_impossible_requests_fail_before_any_change(structure, phrase, calib_ids
 
 
 @pytest.mark.parametrize("fields, phrase", [
-    ({"structure": {"kinds": ["heads"]}}, "needs a ratio"),
-    ({"structure": {"ratio": 0.3}}, "ratio needs kinds"),
-    ({"structure": {"kinds": ["heads"], "ratio": 1.0}}, "ratio must be in [0, 1)"),
+    ({"structure": {"kinds": ["heads"]}}, "needs a sparsity"),
+    ({"structure": {"ratio": 0.3}}, "sparsity needs kinds"),
+    ({"structure": {"kinds": ["heads"], "ratio": 1.0}}, "sparsity must be in [0, 1)"),
     ({"structure": {"kinds": ["rows"], "ratio": 0.3}}, "structure.kinds"),
     ({"structure": {"kinds": ["mlp"], "ratio": 0.3}, "sparsity": 0.6}, "replaces sparsity pruning"),
     ({"structure": {"remove_layers": 1, "remove_sublayers": 1}}, "not both"),

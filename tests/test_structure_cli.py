@@ -77,7 +77,7 @@ def test_recipe_structure_section_and_layer_removal(tiny_dir, tmp_path):
     r = run("prune", str(d), "--recipe", str(rec), "--ratio", "0.5", "--eval-text", "none", "--out", str(tmp_path / "o2"))
     assert r.returncode == 0, r.stderr
     man = json.loads((tmp_path / "o2" / "prunekit.json").read_text())
-    assert man["recipe"]["structure"]["ratio"] == 0.5 and man["summary"]["mlp_removed"] == "128/256"
+    assert man["recipe"]["structure"]["sparsity"] == 0.5 and man["summary"]["mlp_removed"] == "128/256"
 
 
 @pytest.mark.parametrize(
@@ -90,11 +90,11 @@ def test_recipe_structure_section_and_layer_removal(tiny_dir, tmp_path):
         (["--remove-layers", "2"], "not less than the model's 2 layers"),
         (["--remove-sublayers", "4"], "not less than the model's 4"),
         (["--structure", "rows", "--ratio", "0.3"], "structure.kinds"),
-        (["--structure", "mlp"], "needs a ratio"),
+        (["--structure", "mlp"], "needs a sparsity"),
         (["--structure", "mlp", "--ratio", "0.3", "--method", "sparsegpt"], "replaces sparsity pruning"),
-        (["--structure", "mlp", "--ratio", "0.3", "--criterion", "obs"], "structure.criterion"),
+        (["--structure", "mlp", "--ratio", "0.3", "--criterion", "obs"], "Unknown structured criterion"),
         (["--remove-layers", "1", "--remove-sublayers", "1"], "not both"),
-        (["--ratio", "0.3"], "ratio needs kinds"),
+        (["--ratio", "0.3"], "sparsity needs kinds"),
         (["--structure", "mlp", "--ratio", "0.3", "--recover", "perp"], "not available after structured pruning"),
     ],
 )

@@ -186,6 +186,6 @@ def test_precropping_and_scratch_runs_shrink_the_model():
     assert masks is None and info["channels"]["params_after"] < info["channels"]["params_before"]
     assert len(set(round(v, 3) for v in info["precrop_ratios"].values())) > 1  # per-layer, not uniform
     assert sum(p.numel() for p in model.parameters()) == info["channels"]["params_after"]
-    cfg2 = cfg.model_copy(update={"schedule": "scratch", "method": "magnitude"})
+    cfg2 = cfg.model_copy(update={"schedule": "scratch", "criterion": "magnitude"})
     model2, _, info2 = train_prune(cfg2, progress=False, data=data)
     assert info2["channels"]["params_after"] < info2["channels"]["params_before"]

@@ -40,7 +40,8 @@ TINY = ["--dataset", "synthetic", "--epochs", "1", "--finetune-epochs", "1", "--
     (["--schedule", "gradual", "--gradual-start", "0.6", "--gradual-end", "0.2"], "before it starts"),
     (["--allocation", "global-min", "--min-density", "0.3", "--sparsity", "0.9"], "above the target density"),
     (["--structure", "channels", "--sparsity", "1.0"], "[0, 1)"),
-    (["--method", "nope"], "unknown criterion"),
+    (["--method", "nope"], "Unknown criterion"),
+    (["--criterion", "nope"], "Unknown criterion"),
 ])
 def test_bad_input_exit_2_nothing_written(tmp_path, args, msg):
     out = tmp_path / "run"
@@ -105,7 +106,7 @@ def test_recipe_file_and_flag_override(tmp_path):
     r = cli("--recipe", str(rec), "--out", str(out), "--sparsity", "0.7", "--no-progress")
     assert r.returncode == 0, r.stderr
     man = json.loads((out / "prunekit.json").read_text())
-    assert man["recipe"]["method"] == "synflow" and man["metrics"]["sparsity"] == pytest.approx(0.7, abs=1e-4)
+    assert man["recipe"]["criterion"] == "synflow" and man["metrics"]["sparsity"] == pytest.approx(0.7, abs=1e-4)
 
 
 @pytest.mark.slow

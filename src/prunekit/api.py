@@ -10,7 +10,7 @@ from torch import nn
 from prunekit.arch import adapter_for, target_layers, untargeted_weights
 from prunekit.batches import starts_with_bos
 from prunekit.calibrate import run_sequential
-from prunekit.checks import check_finite
+from prunekit.checks import check_device, check_finite
 from prunekit.core.allocate import keep_counts
 from prunekit.errors import PruneError
 from prunekit.evaluate import agreement, greedy, layer_sparsity, perplexity, prompts_from, score_windows, size_summary
@@ -18,14 +18,6 @@ from prunekit.linear import in_features, weight_matrix
 from prunekit.methods import get_method
 from prunekit.recipe import Recipe
 from prunekit.report import Report
-
-
-def _method_for(recipe: Recipe):
-    if recipe.method == "sparsegpt":
-        return get_method("sparsegpt", blocksize=recipe.blocksize, dampening=recipe.dampening)
-    if recipe.method == "gblm":
-        return get_method("gblm", alpha=recipe.gblm_alpha)
-    return get_method(recipe.method)
 
 
 def _check_targets(per_block: list[list[tuple[str, nn.Module]]], recipe: Recipe) -> list[tuple[str, nn.Module]]:
@@ -77,11 +69,13 @@ def _allocate(recipe, model, adapter, per_block, flat, method, batches, device, 
     return {name: weight_matrix(m).numel() - keep[name] for name, m in flat}
 
 
-def _record_bos(model: nn.Module, recipe: Recipe, batches) -> Recipe:
-    """The recipe as it is recorded: ``calibration.bos`` says whether the calibration windows start with BOS."""
+def _record_bos(model: nn.Module, recipe: Recipe, batches, bos: int | None = None) -> Recipe:
+    """The recipe as it is recorded: ``calibration.bos`` says whether the calibration windows start with BOS
+    (``bos``: the tokenizer's id when known, else the model config's)."""
     if not (isinstance(batches, torch.Tensor) and batches.dim() == 2):
         return recipe
-    bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+    if bos is None:
+        bos = getattr(getattr(model, "config", None), "bos_token_id", None)
     used = starts_with_bos(batches, bos if isinstance(bos, int) else None)
     if recipe.calibration.bos is not None and recipe.calibration.bos != used:
         raise PruneError(
@@ -92,28 +86,93 @@ def _record_bos(model: nn.Module, recipe: Recipe, batches) -> Recipe:
     return recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"bos": used})})
 
 
+def _windows_from_text(tokenizer, text: str, samples: int, seqlen: int, seed: int, bos_flag: bool | None) -> torch.Tensor:
+    from prunekit.batches import calibration_batches as draw
+    from prunekit.batches import resolve_bos, tokenize
+    from prunekit.zoo import load_text
+
+    return draw(tokenize(tokenizer, load_text(text, "calibration")), samples, seqlen, seed, what=f"text {text!r}",
+                bos=resolve_bos(tokenizer, bos_flag))
+
+
 def prune(
     model: nn.Module,
     recipe: Recipe | dict | None = None,
     calibration_batches: torch.Tensor | None = None,
     *,
+    tokenizer=None,
+    recovery_batches: torch.Tensor | None = None,
+    teacher: nn.Module | None = None,
+    after_prune=None,
     device: str = "cpu",
     progress: bool = True,
 ) -> tuple[nn.Module, Report]:
-    """Prune ``model`` in place as ``recipe`` says and return it with a :class:`Report`.
+    """Prune ``model`` in place as ``recipe`` says and return it with a :class:`Report`; every section of the
+    recipe is carried out, and the recorded recipe says what was used.
 
     With a ``structure`` section the pruning is structured: heads, MLP channels or layers are removed and the
-    model's tensors shrink (see :mod:`prunekit.structure`).
+    model's tensors shrink (see :mod:`prunekit.structure`). With a ``recovery`` section the pruned model is then
+    trained with its zeros kept (:func:`prunekit.train.recover`).
 
     ``calibration_batches``: int64 token ids ``[samples, seqlen]``, needed by data-driven methods (wanda,
-    sparsegpt, gblm); see :func:`prunekit.batches.calibration_batches`.
+    sparsegpt, gblm); see :func:`prunekit.batches.calibration_batches`. Without them, ``tokenizer`` draws them
+    from ``recipe.calibration`` (text, samples, seqlen, seed, bos). ``recovery_batches`` likewise for the recovery
+    (default: drawn from ``recipe.recovery.text`` with ``tokenizer``); ``teacher``: the dense model for recovery
+    method distill (default: a copy of ``model`` taken before pruning). ``after_prune(model, report)`` runs
+    between pruning and recovery (the CLI measures the one-shot perplexity there).
     """
     if recipe is None:
         recipe = Recipe()
     elif isinstance(recipe, dict):
         recipe = Recipe.make(**recipe)
+    check_device(device)
     check_finite(model)
-    recipe = _record_bos(model, recipe, calibration_batches)
+    cal = recipe.calibration
+    bos = None
+    if tokenizer is not None:
+        from prunekit.batches import resolve_bos
+
+        bos = resolve_bos(tokenizer, cal.bos)
+    if calibration_batches is None and recipe.needs_data and tokenizer is not None:
+        calibration_batches = _windows_from_text(tokenizer, cal.text or "shakespeare", cal.samples, cal.seqlen, cal.seed, cal.bos)
+    elif calibration_batches is not None:  # token ids given: their source text is not known
+        if not (isinstance(calibration_batches, torch.Tensor) and calibration_batches.dim() == 2):
+            raise PruneError("calibration_batches must be a 2-D tensor of token ids [samples, seqlen].")
+        n, seqlen = calibration_batches.shape
+        recipe = recipe.model_copy(update={"calibration": cal.model_copy(update={
+            "text": None if "text" not in cal.model_fields_set else cal.text, "samples": int(n), "seqlen": int(seqlen)})})
+    recipe = _record_bos(model, recipe, calibration_batches, bos)
+    rec = recipe.recovery
+    if rec is not None:
+        if recovery_batches is None and tokenizer is None:
+            raise PruneError("The recipe has a recovery section: pass tokenizer= (its text is drawn from "
+                             "recovery.text) or recovery_batches=, or drop the section.")
+        if rec.method != "distill" and teacher is not None:
+            raise PruneError(f"A teacher is only used by recovery method distill, not {rec.method}.")
+        if rec.method == "distill" and teacher is None:
+            import copy
+
+            teacher = copy.deepcopy(model)
+        if recovery_batches is None:
+            recovery_batches = _windows_from_text(tokenizer, rec.text, rec.samples, rec.seqlen, rec.seed, recipe.calibration.bos)
+    model, report = _prune_only(model, recipe, calibration_batches, device, progress)
+    if rec is not None:
+        from prunekit.train import recover
+
+        if after_prune is not None:
+            after_prune(model, report)
+        t0 = time.perf_counter()
+        model, stats = recover(model, rec, recovery_batches, teacher=teacher, structured=recipe.structure is not None,
+                               progress=progress)
+        report.times["recovery_s"] = time.perf_counter() - t0
+        report.summary["recovery"] = stats
+        layers = [t for block in target_layers(model, adapter_for(model)) for t in block]
+        report.layers = layer_sparsity(layers)
+        report.summary.update(size_summary(model, layers))
+    return model, report
+
+
+def _prune_only(model, recipe: Recipe, calibration_batches, device, progress) -> tuple[nn.Module, Report]:
     if recipe.structure is not None:  # heads / MLP channels / layers removed for real (prunekit.structure)
         from prunekit.structure import prune_structured
 
@@ -121,7 +180,7 @@ def prune(
     adapter = adapter_for(model)
     per_block = target_layers(model, adapter, recipe.exclude)
     flat = _check_targets(per_block, recipe)
-    method = _method_for(recipe)
+    method = get_method(recipe.method, recipe.options)
     if recipe.allocation.kind == "list":  # a list of the wrong length fails before any work
         keep_counts({n: weight_matrix(m) for n, m in flat}, recipe.sparsity, "list",
                     groups={n: bi for bi, block in enumerate(per_block) for n, _ in block}, per_group=recipe.allocation.per_layer)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
@@ -52,7 +51,7 @@ def prune(
     model: Annotated[str, typer.Argument(help="zoo name (smollm2-135m), model directory or hub id")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory (must not exist unless --overwrite)")],
     method: Annotated[Optional[str], typer.Option(help="magnitude | wanda | sparsegpt | gblm")] = None,
-    sparsity: Annotated[Optional[float], typer.Option(help="fraction of weights to zero in each layer, [0, 1)")] = None,
+    sparsity: Annotated[Optional[float], typer.Option(help="fraction removed, [0, 1): of the weights of each layer, or with --structure of each sublayer's weights (hidden: channels)")] = None,
     pattern: Annotated[Optional[str], typer.Option(help="unstructured, or N:M (N zeros in every M), e.g. 2:4")] = None,
     allocation: Annotated[Optional[str], typer.Option(help="uniform | global | owl | list: how sparsity spreads over layers")] = None,
     min_density: Annotated[Optional[float], typer.Option(help="global: least fraction of weights each layer keeps")] = None,
@@ -79,7 +78,7 @@ def prune(
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a prunekit output)")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow a model directory's own code (auto_map) to run; only for code you have read")] = False,
     structure: Annotated[Optional[str], typer.Option(help="structured: what to remove in width, any of heads,mlp,hidden (hidden = residual stream; the model shrinks)")] = None,
-    ratio: Annotated[Optional[float], typer.Option(help="structured: fraction of each attention / MLP sublayer's weights removed, [0, 1)")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="old spelling of --sparsity with --structure (deprecated)", hidden=True)] = None,
     criterion: Annotated[Optional[str], typer.Option(help="structured: fluctuation (FLAP, default) | magnitude | magnitude-l1 | taylor | random")] = None,
     global_rank: Annotated[bool, typer.Option("--global-rank", help="structured: rank standardized scores over all layers (sizes then differ per layer)")] = False,
     bias_compensation: Annotated[bool, typer.Option("--bias-compensation", help="structured: add the removed channels' mean output to o_proj/down_proj biases (FLAP)")] = False,
@@ -95,7 +94,7 @@ def prune(
     """
     from prunekit import api, io
     from prunekit.arch import adapter_for
-    from prunekit.batches import calibration_batches, resolve_bos, tokenize
+    from prunekit.batches import resolve_bos
     from prunekit.checks import check_device, check_seqlen
     from prunekit.recipe import Recipe
     from prunekit.zoo import load_text
@@ -103,8 +102,26 @@ def prune(
     fields: dict = {}
     if recipe is not None:
         fields = Recipe.from_file(recipe).model_dump(exclude_unset=True)
-    flags = {"method": method, "sparsity": sparsity, "pattern": pattern, "blocksize": blocksize, "dampening": dampening, "gblm_alpha": gblm_alpha}
+    structured = structure is not None or remove_layers is not None or remove_sublayers is not None or bool(fields.get("structure"))
+    if ratio is not None:
+        import warnings
+
+        warnings.warn("--ratio is now --sparsity (with --structure); --ratio will be removed in the next release",
+                      FutureWarning, stacklevel=1)
+        if sparsity is not None and sparsity != ratio:
+            raise PruneError("Give --sparsity only (not also its old spelling --ratio).")
+        sparsity, structured = ratio, True  # --ratio always meant the structure section
+    flags = {"method": method, "sparsity": None if structured else sparsity, "pattern": pattern}
     fields.update({k: v for k, v in flags.items() if v is not None})
+    opts = {k: v for k, v in {"blocksize": blocksize, "dampening": dampening, "alpha": gblm_alpha}.items() if v is not None}
+    if opts:  # method options: each flag belongs to one method
+        owner = {"blocksize": "sparsegpt", "dampening": "sparsegpt", "alpha": "gblm"}
+        m_name = fields.get("method", "wanda")
+        wrong = [k for k in opts if owner[k] != m_name]
+        if wrong:
+            flag = {"blocksize": "--blocksize", "dampening": "--dampening", "alpha": "--gblm-alpha"}[wrong[0]]
+            raise PruneError(f"{flag} is an option of method {owner[wrong[0]]}, not {m_name}; drop it or use --method {owner[wrong[0]]}.")
+        fields["options"] = {**dict(fields.get("options") or {}), **opts}
     alloc = dict(fields.get("allocation", {}))
     layers_list = None
     if per_layer is not None:
@@ -127,7 +144,7 @@ def prune(
         fields["recovery"] = rcv
     st = dict(fields.get("structure") or {})
     st_flags = {"kinds": None if structure is None else [k.strip() for k in structure.split(",") if k.strip()],
-                "ratio": ratio, "criterion": criterion, "gqa": gqa, "remove_layers": remove_layers,
+                "sparsity": sparsity if structured else None, "criterion": criterion, "gqa": gqa, "remove_layers": remove_layers,
                 "remove_sublayers": remove_sublayers, "sublayer_method": sublayer_method,
                 "global_rank": True if global_rank else None, "bias_compensation": True if bias_compensation else None}
     st.update({k: v for k, v in st_flags.items() if v is not None})
@@ -156,11 +173,10 @@ def prune(
     bos_token = resolve_bos(tok, rec.calibration.bos)
     rec.calibration.bos = bos_token is not None  # recorded: what every window of this run starts with
     c = rec.calibration
-    batches = None
     if rec.needs_data:
-        batches = calibration_batches(
-            tokenize(tok, load_text(c.text, "calibration")), c.samples, c.seqlen, c.seed, what=f"text {c.text!r}", bos=bos_token
-        )
+        load_text(c.text, "calibration")  # an unknown text fails here, before the dense reference
+    if rec.recovery is not None:
+        load_text(rec.recovery.text, "calibration")
     ev_text = c.text if eval_text is None else eval_text
     windows = None if ev_text == "none" else _load_windows(tok, ev_text, "evaluation", c.seqlen, eval_windows, bos_token)
 
@@ -171,26 +187,18 @@ def prune(
         ref = api.reference(m, tok, windows, generations)
         times["eval_dense_s"] = time.perf_counter() - t0
 
-    teacher = copy.deepcopy(m) if rec.recovery is not None and rec.recovery.method == "distill" else None
     if rec.structure is not None:
         _say(f"structured pruning ({_structure_words(rec.structure)}) ...")
     else:
         _say(f"pruning with {rec.method} ({rec.pattern}, sparsity {rec.sparsity:g}, allocation {rec.allocation.kind}) ...")
-    m, rep = api.prune(m, rec, batches, device=device)
-    if rec.recovery is not None:
-        from prunekit.train import recover as run_recovery
 
-        r = rec.recovery
+    def after_prune(model, report):
         if ref is not None:
-            rep.metrics["perplexity_oneshot"] = api.compare(m, tok, windows, {**ref, "prompts": []})[0]["perplexity"]
-        train = calibration_batches(tokenize(tok, load_text(r.text, "calibration")), r.samples, r.seqlen, r.seed,
-                                    what=f"text {r.text!r}", bos=bos_token)
+            report.metrics["perplexity_oneshot"] = api.compare(model, tok, windows, {**ref, "prompts": []})[0]["perplexity"]
+        r = rec.recovery
         _say(f"recovery: {r.method}, {r.steps} steps of {r.batch_size} x {r.seqlen} tokens ...")
-        t0 = time.perf_counter()
-        m, rstats = run_recovery(m, r, train, teacher=teacher, structured=rec.structure is not None, progress=True)
-        times["recovery_s"] = time.perf_counter() - t0
-        rep.summary["recovery"] = rstats
-        del teacher
+
+    m, rep = api.prune(m, rec, tokenizer=tok, after_prune=after_prune, device=device)
     if ref is not None:
         t0 = time.perf_counter()
         metrics, rep.generations = api.compare(m, tok, windows, ref)
@@ -227,7 +235,7 @@ def prune(
 def _structure_words(st) -> str:
     words = []
     if st.kinds:
-        words.append(f"{','.join(st.kinds)} ratio {st.ratio:g}, {st.criterion}" + (", global rank" if st.global_rank else "")
+        words.append(f"{','.join(st.kinds)} sparsity {st.sparsity:g}, {st.criterion}" + (", global rank" if st.global_rank else "")
                      + (", bias compensation" if st.bias_compensation else ""))
     if st.remove_layers:
         words.append(f"{st.remove_layers} layer(s)")
@@ -417,10 +425,17 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI. The one place where errors become exit codes: a user's mistake is one line on stderr and exit 2,
     Ctrl-C is exit 130 with nothing written; anything else is a bug in prunekit and keeps its traceback."""
     import signal
+    import warnings
+
+    def one_line_warning(message, category, *_args, **_kw):
+        print(f"warning: {_one_line(message)}", file=sys.stderr, flush=True)
 
     rc = 0
     try:
-        out = app(args=argv, standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", FutureWarning)
+            warnings.showwarning = one_line_warning
+            out = app(args=argv, standalone_mode=False)
         if isinstance(out, int) and out:  # typer returns 130 for a Ctrl-C it caught
             rc = out
             if rc == 130:

@@ -5,15 +5,12 @@ A recipe is saved beside every result (``prunekit.json``) so that a run can be r
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from prunekit.core.config import Config, read_mapping  # noqa: F401  (read_mapping: the one recipe-file reader)
 from prunekit.errors import PruneError
-
-METHODS = ("magnitude", "wanda", "sparsegpt", "gblm")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -32,9 +29,9 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
-class Calibration(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    text: str = "shakespeare"
+class Calibration(Config):
+    what = "calibration"
+    text: str | None = Field("shakespeare", description="the text windows are drawn from (None: token ids were given)")
     samples: int = Field(32, description="number of calibration sequences")
     seqlen: int = Field(256, description="tokens per calibration sequence")
     seed: int = 0
@@ -59,15 +56,22 @@ class Calibration(BaseModel):
         return v
 
 
-class Allocation(BaseModel):
+class Allocation(Config):
     """How the sparsity is spread over layers (see prunekit.core.allocate)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    kind: Literal["uniform", "global", "owl", "lamp", "erk", "list"] = "uniform"
+    what = "allocation"
+    kind: str = "uniform"
     min_density: float = Field(0.0, description="global / lamp: the least fraction of weights any layer keeps")
     owl_m: float = Field(5.0, description="OWL: a score is an outlier above M x its block's mean score")
     owl_lambda: float = Field(0.08, description="OWL: block sparsities span [s - lambda, s + lambda]")
     per_layer: list[float] | None = Field(None, description="list: one sparsity per decoder layer")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        from prunekit.core.allocate import ALLOCATIONS
+
+        return ALLOCATIONS.canonical(v)
 
     @field_validator("min_density")
     @classmethod
@@ -85,7 +89,7 @@ class Allocation(BaseModel):
         return self
 
 
-class Recovery(BaseModel):
+class Recovery(Config):
     """Training after pruning that keeps every pruned weight at exactly zero.
 
     perp: train norm weights, biases and LoRA adapters (merged into the weights, mask re-applied);
@@ -93,8 +97,8 @@ class Recovery(BaseModel):
     distill: like perp, with loss = (1 - distill_weight) * LM loss + distill_weight * KL(dense || pruned).
     """
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    method: Literal["perp", "lora", "full", "distill"] = "perp"
+    what = "recovery"
+    method: str = "perp"
     steps: int = 100
     lr: float = 2e-4
     lora_rank: int = 8
@@ -106,6 +110,13 @@ class Recovery(BaseModel):
     distill_weight: float = 0.5
     temperature: float = 1.0
     seed: int = 0
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from prunekit.train.recovery import RECOVERY_METHODS
+
+        return RECOVERY_METHODS.canonical(v)
 
     @field_validator("steps", "lora_rank", "samples", "seqlen", "batch_size")
     @classmethod
@@ -129,21 +140,22 @@ class Recovery(BaseModel):
         return v
 
 
-class Structure(BaseModel):
+class Structure(Config):
     """Structured pruning: remove whole heads / MLP channels / layers so the model gets smaller and faster.
 
-    kinds + ratio: width (fraction of removable units of each kind, see prunekit.structure.plan);
+    kinds + sparsity: width (fraction of removable units of each kind, see prunekit.structure.plan);
     remove_layers: whole blocks by block influence; remove_sublayers: attention / MLP sublayers.
     """
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    what = "structure"
+    renamed = {"ratio": "sparsity"}
     kinds: list[Literal["heads", "mlp", "hidden"]] = Field(
         default_factory=list, description="what to prune in width: heads, mlp, hidden (the residual stream, Minitron)"
     )
-    ratio: float = Field(
+    sparsity: float = Field(
         0.0, description="fraction of each attention / MLP sublayer's weights removed (of the hidden channels for hidden), [0, 1)"
     )
-    criterion: Literal["magnitude", "magnitude-l1", "fluctuation", "taylor", "random"] = "fluctuation"
+    criterion: str = "fluctuation"
     global_rank: bool = Field(False, description="rank standardized scores over all layers (FLAP) instead of per layer")
     bias_compensation: bool = Field(False, description="add the removed channels' mean output to the biases (FLAP)")
     gqa: Literal["query", "kv"] = Field(
@@ -156,12 +168,19 @@ class Structure(BaseModel):
     )
     seed: int = Field(0, description="seed of the random criterion")
 
-    @field_validator("ratio")
+    @field_validator("sparsity")
     @classmethod
-    def _ratio(cls, v: float) -> float:
+    def _sparsity(cls, v: float) -> float:
         if not 0.0 <= v < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {v}")
+            raise ValueError(f"sparsity must be in [0, 1), got {v}")
         return v
+
+    @field_validator("criterion")
+    @classmethod
+    def _criterion(cls, v: str) -> str:
+        from prunekit.structure.importance import CRITERIA
+
+        return CRITERIA.canonical(v)
 
     @field_validator("remove_layers", "remove_sublayers")
     @classmethod
@@ -174,16 +193,16 @@ class Structure(BaseModel):
     def _consistent(self) -> Structure:
         if len(set(self.kinds)) != len(self.kinds):
             raise ValueError("kinds lists a kind twice")
-        if self.kinds and self.ratio == 0:
-            raise ValueError(f"pruning {','.join(self.kinds)} needs a ratio in (0, 1)")
-        if self.ratio > 0 and not self.kinds:
-            raise ValueError("ratio needs kinds to prune: heads, mlp, hidden")
+        if self.kinds and self.sparsity == 0:
+            raise ValueError(f"pruning {','.join(self.kinds)} needs a sparsity in (0, 1)")
+        if self.sparsity > 0 and not self.kinds:
+            raise ValueError("sparsity needs kinds to prune: heads, mlp, hidden")
         if self.global_rank and not self.width_kinds:
             raise ValueError("global_rank ranks heads or MLP channels; hidden-size pruning is one choice for all layers")
         if self.bias_compensation and not self.width_kinds:
             raise ValueError("bias_compensation needs heads or mlp pruning")
         if not self.kinds and not self.remove_layers and not self.remove_sublayers:
-            raise ValueError("nothing to remove: give kinds and a ratio, remove_layers or remove_sublayers")
+            raise ValueError("nothing to remove: give kinds and a sparsity, remove_layers or remove_sublayers")
         if self.remove_layers and self.remove_sublayers:
             raise ValueError("choose remove_layers or remove_sublayers, not both")
         return self
@@ -202,20 +221,23 @@ class Structure(BaseModel):
         )
 
 
-class Recipe(BaseModel):
+_METHOD_OPTIONS = {"blocksize": ("sparsegpt", "blocksize"), "dampening": ("sparsegpt", "dampening"),
+                   "gblm_alpha": ("gblm", "alpha")}  # flat fields before the options moved to each method
+
+
+class Recipe(Config):
     """One pruning run. ``sparsity`` is the fraction of weights set to zero in each target layer."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    what = "recipe"
 
-    method: Literal["magnitude", "wanda", "sparsegpt", "gblm"] = "wanda"
+    method: str = Field("wanda", description="the pruning method (prunekit.methods.METHODS)")
+    options: dict = Field(default_factory=dict, description="the method's own options (e.g. sparsegpt: blocksize, "
+                          "dampening; gblm: alpha); a saved recipe lists every one with its value")
     sparsity: float = 0.5
     pattern: str = "unstructured"
     allocation: Allocation = Field(default_factory=Allocation)
     exclude: list[str] = Field(default_factory=list, description="fnmatch patterns of module names left dense")
     calibration: Calibration = Field(default_factory=Calibration)
-    blocksize: int = Field(128, description="SparseGPT: columns per lazy-update block")
-    dampening: float = Field(0.01, description="SparseGPT: fraction of the mean Hessian diagonal added to it")
-    gblm_alpha: float = Field(100.0, description="GBLM: weight of the gradient term (0 gives Wanda)")
     recovery: Recovery | None = Field(None, description="optional training after pruning (masks kept)")
     structure: Structure | None = Field(None, description="structured pruning (heads, MLP channels, layers) instead of sparsity")
 
@@ -232,19 +254,42 @@ class Recipe(BaseModel):
         parse_pattern(v)
         return v
 
-    @field_validator("blocksize")
+    @model_validator(mode="before")
     @classmethod
-    def _blocksize(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError("must be a positive integer")
-        return v
+    def _flat_method_options(cls, data):
+        """Old recipes had blocksize / dampening / gblm_alpha at the top: move them into options (the ones of
+        another method than the recipe's were unused defaults and are dropped)."""
+        if not isinstance(data, dict) or not any(k in data for k in _METHOD_OPTIONS):
+            return data
+        import warnings
 
-    @field_validator("dampening")
+        data = dict(data)
+        method = data.get("method", "wanda")
+        options = dict(data.get("options") or {})
+        for old, (owner, new) in _METHOD_OPTIONS.items():
+            if old in data:
+                value = data.pop(old)
+                warnings.warn(f"recipe field {old!r} is now options.{new} of method {owner}; the flat field will "
+                              "be removed in the next release", FutureWarning, stacklevel=4)
+                if method == owner:
+                    options.setdefault(new, value)
+        data["options"] = options
+        return data
+
+    @field_validator("method")
     @classmethod
-    def _damp(cls, v: float) -> float:
-        if not 0.0 < v < 1.0:
-            raise ValueError("must be in (0, 1)")
-        return v
+    def _method(cls, v: str) -> str:
+        from prunekit.methods import METHODS
+
+        return METHODS.canonical(v)
+
+    @model_validator(mode="after")
+    def _method_options(self) -> Recipe:
+        from prunekit.methods import METHODS
+
+        opts = METHODS.options(self.method, self.options)
+        self.options = opts.model_dump() if opts is not None else {}
+        return self
 
     @model_validator(mode="after")
     def _nm_sparsity(self) -> Recipe:
@@ -260,8 +305,6 @@ class Recipe(BaseModel):
             raise ValueError(
                 f"allocation '{self.allocation.kind}' needs pattern 'unstructured' (N:M fixes every layer at N/M)"
             )
-        if self.gblm_alpha < 0:
-            raise ValueError("gblm_alpha must be >= 0")
         if self.structure is not None:
             # fields of sparsity pruning given with other values than their defaults (a saved recipe repeats the
             # defaults, which is fine)
@@ -289,73 +332,7 @@ class Recipe(BaseModel):
             return self.structure.needs_data
         return self.method in ("wanda", "sparsegpt", "gblm")
 
-    # ---- construction that turns validation errors into one-sentence PruneErrors ----
-    @classmethod
-    def make(cls, **fields) -> Recipe:
-        try:
-            return cls(**fields)
-        except ValidationError as e:
-            raise PruneError(_one_sentence(e)) from None
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> Recipe:
-        return cls.make(**read_mapping(path))
-
     def to_yaml(self) -> str:
         import yaml
 
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
-
-
-MAX_RECIPE_BYTES = 1 << 20
-
-
-def read_mapping(path: str | Path, what: str = "Recipe file") -> dict:
-    """The mapping a YAML (.yaml/.yml) or JSON (.json) recipe file holds, or one sentence saying what is wrong.
-
-    Only plain data is read (``yaml.safe_load``: no tags that build objects, no code).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise PruneError(f"{what} {p} does not exist; pass a YAML or JSON recipe file.")
-    suffix = p.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".json"):
-        raise PruneError(f"{what} {p} must end in .yaml, .yml or .json, not {p.suffix or 'nothing'}.")
-    if p.stat().st_size > MAX_RECIPE_BYTES:
-        raise PruneError(f"{what} {p} is larger than 1 MiB; a recipe is a few lines of settings.")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise PruneError(f"{what} {p} is not UTF-8 text; a recipe is a YAML or JSON text file.") from None
-    try:
-        if suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except RecursionError:
-        raise PruneError(f"{what} {p} is nested too deeply to be a recipe.") from None
-    except json.JSONDecodeError as e:
-        raise PruneError(f"{what} {p} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
-    except Exception as e:  # yaml.YAMLError and its subclasses (scanner, parser, constructor errors)
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise PruneError(f"{what} {p} is not valid YAML ({' '.join(str(problem).split())}{where}).") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise PruneError(f"{what} {p} must hold a mapping of fields (method, sparsity, pattern, ...), not a {type(data).__name__}.")
-    return data
-
-
-def _one_sentence(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(x) for x in err["loc"]) or "recipe"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "literal_error" and where == "method":
-        return f"Unknown method {err['input']!r}; choose one of: {', '.join(METHODS)}."
-    if err["type"] == "extra_forbidden":
-        return f"Unknown recipe field {where!r}; see `prunekit prune --help` for the fields a recipe takes."
-    return f"Invalid {where}: {msg}."

@@ -27,9 +27,19 @@ import math
 import torch
 
 from prunekit.core.masks import Masks, apportion, check_sparsity, keep_highest, kept_total
+from prunekit.core.registry import Registry
 from prunekit.errors import PruneError
 
-KINDS = ("uniform", "global", "owl", "lamp", "erk", "list")
+ALLOCATIONS = Registry("allocation")
+for _name, _desc in (
+    ("uniform", "every layer the same fraction"),
+    ("global", "one ranking over all layers; min_density: the per-layer floor (Global MP)"),
+    ("owl", "outlier-weighted layerwise sparsity per group (decoder block)"),
+    ("lamp", "layer-adaptive magnitude scores ranked globally"),
+    ("erk", "Erdos-Renyi-Kernel densities from the layer shapes"),
+    ("list", "an explicit sparsity per group (decoder layer)"),
+):
+    ALLOCATIONS.register(_name, _name, description=_desc)
 
 
 def erk_densities(shapes: dict[str, tuple[int, ...]], sparsity: float, power: float = 1.0) -> dict[str, float]:
@@ -125,8 +135,7 @@ def keep_counts(
     ``groups``: layer -> group index for owl and list (decoder block; default: every layer its own group).
     """
     check_sparsity(sparsity)
-    if kind not in KINDS:
-        raise PruneError(f"Unknown allocation {kind!r}; choose one of {', '.join(KINDS)}.")
+    kind = ALLOCATIONS.canonical(kind)
     if not 0.0 <= min_density <= 1.0:
         raise PruneError(f"The per-layer minimum density must be in [0, 1]; got {min_density}.")
     names = list(scores)

@@ -41,6 +41,26 @@ def _is_our_json(path: Path) -> bool:
     return isinstance(data, dict) and "kept" in data and "total" in data
 
 
+def _with_recipe(ctx: typer.Context, recipe: Path | None, values: dict) -> dict:
+    """``values`` (this command's options) with those the user did not give on the command line taken from the
+    recipe file; an unknown key in it is one sentence."""
+    if recipe is None:
+        return values
+    from prunekit.core.config import read_mapping
+
+    data = {str(k).replace("-", "_"): v for k, v in read_mapping(recipe).items()}
+    unknown = sorted(set(data) - set(values) - {"recipe"})
+    if unknown:
+        raise PruneError(f"Recipe {recipe} has the unknown field {unknown[0]!r} for `prunekit data {ctx.info_name}`; "
+                         f"its fields are: {', '.join(k for k in values if k != 'recipe')}.")
+    out = dict(values)
+    for k, v in data.items():
+        source = ctx.get_parameter_source(k)  # typer's click: compare by name
+        if source is None or getattr(source, "name", "") in ("DEFAULT", "DEFAULT_MAP"):
+            out[k] = Path(v) if k in ("out", "subset", "labels") and v is not None else v
+    return out
+
+
 def _load(dataset, split, text_column, label_column, labels, image_size):
     from prunekit.data import load_dataset
 
@@ -51,6 +71,7 @@ def _load(dataset, split, text_column, label_column, labels, image_size):
 
 @data_app.command("score")
 def score_cmd(
+    ctx: typer.Context,
     dataset: DatasetArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="output .parquet: index, score (higher = harder), label, ...")],
     score: Annotated[str, typer.Option("--score", help="random | el2n | grand | forgetting | aum | entropy | prototype")] = "el2n",
@@ -67,17 +88,23 @@ def score_cmd(
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address, e.g. ray://host:10001")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a file prunekit wrote)")] = False,
     text_column: TextCol = "text", label_column: LabelCol = "label", labels: LabelsOpt = None, image_size: ImageSize = 32,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML/JSON file of these options (names with _ or -); flags given here override it")] = None,
 ) -> None:
     """Score every example of DATASET (one float each, higher = harder) into a Parquet file."""
+    _v = _with_recipe(ctx, recipe, dict(dataset=dataset, out=out, score=score, split=split, seed=seed, seeds=seeds,
+        epochs=epochs, model=model, grand_params=grand_params, encoder=encoder, clusters=clusters,
+        with_embeddings=with_embeddings, engine=engine, ray_address=ray_address, overwrite=overwrite,
+        text_column=text_column, label_column=label_column, labels=labels, image_size=image_size))
+    (dataset, out, score, split, seed, seeds, epochs, model, grand_params, encoder, clusters, with_embeddings, engine,
+        ray_address, overwrite, text_column, label_column, labels, image_size) = _v.values()
     from prunekit.data import SCORES, ScoreConfig, save_scores
     from prunekit.data import score as run_score
     from prunekit.data.engine import ENGINES
 
-    if score not in SCORES:
-        raise PruneError(f"Unknown score {score!r}; use one of {', '.join(SCORES)}.")
+    score = SCORES.canonical(score)
     if engine not in ENGINES:
         raise PruneError(f"Unknown engine {engine!r}; use local or ray.")
-    cfg = ScoreConfig(seed=seed, seeds=seeds, epochs=epochs, model=model, grand_params=grand_params, encoder=encoder,
+    cfg = ScoreConfig.make(seed=seed, seeds=seeds, epochs=epochs, model=model, grand_params=grand_params, encoder=encoder,
                       clusters=clusters)
     cfg.check()
     _check_out(out, overwrite)
@@ -94,6 +121,7 @@ def score_cmd(
 
 @data_app.command("select")
 def select_cmd(
+    ctx: typer.Context,
     scores: Annotated[Path, typer.Argument(help="score file from `prunekit data score`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output .parquet with the kept indices")],
     keep: Annotated[Optional[float], typer.Option(help="fraction of the examples to keep, in (0, 1]")] = None,
@@ -106,13 +134,17 @@ def select_cmd(
     neighbors: Annotated[int, typer.Option(help="dbp: nearest other centroids in the inter-cluster distance")] = 5,
     seed: Annotated[int, typer.Option(help="seed of the sampling and the tie-breaking")] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a file prunekit wrote)")] = False,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML/JSON file of these options (names with _ or -); flags given here override it")] = None,
 ) -> None:
     """Select the subset to keep from a score file."""
+    _v = _with_recipe(ctx, recipe, dict(scores=scores, out=out, keep=keep, strategy=strategy,
+        class_balanced=class_balanced, beta=beta, bins=bins, eps=eps, temperature=temperature, neighbors=neighbors,
+        seed=seed, overwrite=overwrite))
+    (scores, out, keep, strategy, class_balanced, beta, bins, eps, temperature, neighbors, seed, overwrite) = _v.values()
     from prunekit.data import load_scores, save_keep, select
     from prunekit.data.select import STRATEGIES, check_keep
 
-    if strategy not in STRATEGIES:
-        raise PruneError(f"Unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
+    strategy = STRATEGIES.canonical(strategy)
     if keep is not None or strategy != "semdedup":
         check_keep(keep)
     _check_out(out, overwrite)
@@ -134,6 +166,7 @@ def select_cmd(
 
 @data_app.command("train")
 def train_cmd(
+    ctx: typer.Context,
     dataset: DatasetArg,
     subset: Annotated[Optional[Path], typer.Option(help="subset file from `prunekit data select` (default: all examples)")] = None,
     distill: Annotated[bool, typer.Option("--distill", help="distill from a teacher trained on the full data")] = False,
@@ -151,8 +184,15 @@ def train_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the metrics as JSON here")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a file prunekit wrote)")] = False,
     text_column: TextCol = "text", label_column: LabelCol = "label", labels: LabelsOpt = None, image_size: ImageSize = 32,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML/JSON file of these options (names with _ or -); flags given here override it")] = None,
 ) -> None:
     """Train a small model on the kept subset (optionally distilled) and report test accuracy."""
+    _v = _with_recipe(ctx, recipe, dict(dataset=dataset, subset=subset, distill=distill, epochs=epochs, steps=steps,
+        teacher_epochs=teacher_epochs, model=model, temperature=temperature, alpha=alpha, lr=lr,
+        batch_size=batch_size, seed=seed, split=split, test=test, out=out, overwrite=overwrite,
+        text_column=text_column, label_column=label_column, labels=labels, image_size=image_size))
+    (dataset, subset, distill, epochs, steps, teacher_epochs, model, temperature, alpha, lr, batch_size, seed, split,
+        test, out, overwrite, text_column, label_column, labels, image_size) = _v.values()
     from prunekit.data import TrainConfig, load_keep, train_subset
     from prunekit.data.datasets import has_test_split, write_json
 
@@ -166,7 +206,7 @@ def train_cmd(
         raise PruneError(f"--steps must be at least 1, got {steps}.")
     if teacher_epochs is not None and teacher_epochs < 1:
         raise PruneError(f"--teacher-epochs must be at least 1, got {teacher_epochs}.")
-    TrainConfig(model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
+    TrainConfig.make(model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
                 alpha=alpha, steps=steps).check()
     if out is not None:
         from prunekit.io import check_output_file
@@ -182,15 +222,15 @@ def train_cmd(
     elif has_test_split(dataset) and split == "train":
         test_ds = _load(dataset, "test", text_column, label_column, labels, image_size)
     kind = model if model != "auto" else ("cnn" if ds.kind == "image" else "mlp")
-    cfg = TrainConfig(model=kind, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
+    cfg = TrainConfig.make(model=kind, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
                       alpha=alpha, steps=steps)
-    tcfg = TrainConfig(**{**cfg.__dict__, "epochs": teacher_epochs or epochs, "steps": None})
+    tcfg = TrainConfig.make(**{**cfg.model_dump(), "epochs": teacher_epochs or epochs, "steps": None})
     n_keep = len(ds) if keep is None else len(keep)
     _say(f"training a {kind} on {n_keep:,} of {len(ds):,} examples for " + (f"{steps} steps" if steps else f"{epochs} epochs")
          + (f", distilled from a teacher trained on all of them ({tcfg.epochs} epochs)" if distill else "") + " ...")
     res = train_subset(ds, keep, cfg, test=test_ds, distill=distill, teacher_cfg=tcfg, progress=True)
     res.pop("model")
-    res.update(dataset=ds.name, subset=str(subset) if subset else None, config=cfg.__dict__)
+    res.update(dataset=ds.name, subset=str(subset) if subset else None, config=cfg.model_dump())
     if out is not None:
         write_json(out, res)
     acc = f"test accuracy {res['test_accuracy']:.4f}" if "test_accuracy" in res else "no test set (give --test)"

@@ -23,9 +23,17 @@ from __future__ import annotations
 import numpy as np
 
 from prunekit.core.masks import apportion
+from prunekit.core.registry import Registry
 from prunekit.errors import PruneError
 
-STRATEGIES = ("easiest", "hardest", "random", "ccs", "dbp", "semdedup")
+STRATEGIES = Registry("strategy")
+for _name, _desc in (
+    ("easiest", "keep the lowest scores"), ("hardest", "keep the highest scores"), ("random", "a seeded random subset"),
+    ("ccs", "coverage-centric: drop the hardest beta, stratified over score bins"),
+    ("dbp", "density-based: cluster budgets from cluster complexity"),
+    ("semdedup", "semantic deduplication inside clusters"),
+):
+    STRATEGIES.register(_name, _name, description=_desc)
 
 
 def budget(n: int, keep: float) -> int:
@@ -106,8 +114,7 @@ def select(scores, keep: float | None = None, strategy: str = "hardest", *, labe
     """Sorted indices of the examples to keep (see the module docstring)."""
     scores = np.asarray(scores, dtype=np.float64)
     n = len(scores)
-    if strategy not in STRATEGIES:
-        raise PruneError(f"Unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
+    strategy = STRATEGIES.canonical(strategy)
     if not np.isfinite(scores).all():
         raise PruneError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or Inf; score the data again.")
     if not isinstance(seed, (int, np.integer)) or seed < 0:

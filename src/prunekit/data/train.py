@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -15,6 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pydantic import model_validator
+
+from prunekit.core.config import Config
 from prunekit.errors import PruneError
 
 MODELS = ("cnn", "mlp", "linear")
@@ -78,8 +80,7 @@ def build_model(kind: str, x: torch.Tensor, num_classes: int, width: int = 16) -
     return MLP(d, num_classes, hidden=0 if kind == "linear" else 256)
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Config):
     model: str = "cnn"
     epochs: int = 5
     batch_size: int = 128
@@ -90,6 +91,14 @@ class TrainConfig:
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the distillation term when a teacher is given
     steps: int | None = None  # a fixed number of optimizer steps instead of epochs (the same compute for any subset size)
+
+    what = "data training"
+    flags = True
+
+    @model_validator(mode="after")
+    def _valid(self):
+        self.check()
+        return self
 
     def check(self) -> None:
         """One sentence for a value training cannot use."""

@@ -1,19 +1,16 @@
-"""Pruning criteria: one file each, one interface (``Method``), one registry."""
+"""Pruning methods of LLM post-training pruning: one file each, one interface (``Method``), one registry
+(:data:`METHODS`, a :class:`prunekit.core.registry.Registry`): a method file registers its class with its own
+options model, and recipes, the CLI and their errors take the choices from there."""
 
-from prunekit.errors import PruneError
-from prunekit.methods.base import Method
-from prunekit.methods.gblm import GBLM
-from prunekit.methods.magnitude import Magnitude
-from prunekit.methods.sparsegpt import SparseGPT
-from prunekit.methods.wanda import Wanda
-
-REGISTRY: dict[str, type[Method]] = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT, "gblm": GBLM}
+from prunekit.methods import magnitude, wanda, sparsegpt, gblm  # noqa: F401, I001  (they register themselves, in this order)
+from prunekit.methods.base import METHODS, Method
 
 
-def get_method(name: str, **options) -> Method:
-    if name not in REGISTRY:
-        raise PruneError(f"Unknown method {name!r}; choose one of: {', '.join(REGISTRY)}.")
-    return REGISTRY[name](**options)
+def get_method(name: str, options: dict | None = None) -> Method:
+    """The method ``name`` built with ``options`` (validated by its options model)."""
+    entry = METHODS.get(name)
+    opts = METHODS.options(name, options)
+    return entry.impl(**(opts.model_dump() if opts is not None else {}))
 
 
-__all__ = ["REGISTRY", "Method", "get_method"]
+__all__ = ["METHODS", "Method", "get_method"]

@@ -15,6 +15,15 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from prunekit.core.registry import Registry
+
+
+def _load_methods() -> None:
+    import prunekit.methods  # noqa: F401  (each method file registers itself)
+
+
+METHODS = Registry("method", loader=_load_methods)
+
 
 class Method(ABC):
     name: str = ""

@@ -11,10 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pydantic import Field
+
 from prunekit.checks import check_finite_tensor
+from prunekit.core.config import Config
 from prunekit.linear import weight_matrix
 from prunekit.core.masks import layer_keep_mask
-from prunekit.methods.base import Method
+from prunekit.methods.base import METHODS, Method
 
 
 def gradient_l2(model: nn.Module, batches: torch.Tensor, targets: list[tuple[str, nn.Module]], progress: bool = False) -> dict[str, torch.Tensor]:
@@ -48,6 +51,12 @@ def gradient_l2(model: nn.Module, batches: torch.Tensor, targets: list[tuple[str
     return {name: a.sqrt_() for name, a in acc.items()}
 
 
+class GBLMOptions(Config):
+    what = "gblm option"
+    alpha: float = Field(100.0, ge=0.0, description="weight of the gradient term (0 gives Wanda)")
+
+
+@METHODS.register("gblm", params=GBLMOptions, description="|W| * (||X|| + alpha * ||grad W||)")
 class GBLM(Method):
     name = "gblm"
     statistic = "sqnorm"

@@ -4,9 +4,10 @@ from one threshold over all target layers (see allocate.py)."""
 from __future__ import annotations
 
 from prunekit.core.masks import layer_keep_mask
-from prunekit.methods.base import Method
+from prunekit.methods.base import METHODS, Method
 
 
+@METHODS.register("magnitude", description="smallest |W| of each layer")
 class Magnitude(Method):
     name = "magnitude"
     statistic = None

@@ -12,10 +12,12 @@ import warnings
 
 import torch
 
-from prunekit.errors import PruneError
+from pydantic import Field
 
+from prunekit.core.config import Config
 from prunekit.core.masks import apportion, keep_highest, keep_n_of_m
-from prunekit.methods.base import Method
+from prunekit.errors import PruneError
+from prunekit.methods.base import METHODS, Method
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, dampening: float, max_tries: int = 8) -> tuple[torch.Tensor, float]:
@@ -119,6 +121,13 @@ def sparsegpt_(
         w.copy_(W[a:b].to(w.dtype))
 
 
+class SparseGPTOptions(Config):
+    what = "sparsegpt option"
+    blocksize: int = Field(128, ge=1, description="columns per lazy-update block")
+    dampening: float = Field(0.01, gt=0.0, lt=1.0, description="fraction of the mean Hessian diagonal added to it")
+
+
+@METHODS.register("sparsegpt", params=SparseGPTOptions, description="OBS updates with the calibration Hessian")
 class SparseGPT(Method):
     name = "sparsegpt"
     statistic = "hessian"

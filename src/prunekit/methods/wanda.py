@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from prunekit.core.masks import layer_keep_mask
-from prunekit.methods.base import Method
+from prunekit.methods.base import METHODS, Method
 
 
 def wanda_scores(w: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
@@ -16,6 +16,7 @@ def wanda_scores(w: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
     return w.abs() * sqnorm.sqrt().to(w.dtype).unsqueeze(0)
 
 
+@METHODS.register("wanda", description="|W| * ||X|| compared within each output row")
 class Wanda(Method):
     name = "wanda"
     statistic = "sqnorm"

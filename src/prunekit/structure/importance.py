@@ -25,11 +25,20 @@ import torch
 from torch import nn
 
 from prunekit.arch.base import Adapter
+from prunekit.core.registry import Registry
 from prunekit.calibrate import run_sequential
 from prunekit.linear import weight_matrix
 from prunekit.structure.shrink import attention_removed, block_heads, mlp_removed
 
-CRITERIA = ("magnitude", "magnitude-l1", "fluctuation", "taylor", "random")
+CRITERIA = Registry("structured criterion")
+for _name, _desc in (
+    ("magnitude", "L2 norm of the group's weights"),
+    ("magnitude-l1", "L1 norm of the group's weights"),
+    ("fluctuation", "FLAP: input variance x squared column norm (hidden: Minitron's activation score)"),
+    ("taylor", "LLM-Pruner's first-order |w * dL/dw| summed over the group"),
+    ("random", "seeded uniform scores (the baseline)"),
+):
+    CRITERIA.register(_name, _name, description=_desc)
 
 
 @dataclass

@@ -94,11 +94,11 @@ def check(adapter: Adapter, model: nn.Module, st: Structure) -> None:
         if not adapter.pre_norm(model):
             raise PruneError(f"This {adapter.family} model is post-norm, so single sublayers cannot be removed; use --remove-layers.")
     if "hidden" in st.kinds:
-        hid.check_hidden(adapter, model, st.ratio)
+        hid.check_hidden(adapter, model, st.sparsity)
     if st.width_kinds:
         zeros = _zero_scores(adapter, model)
         for kind in st.width_kinds:
-            select(build_units(adapter, model, zeros, kind, "random", st.gqa), st.ratio, st.global_rank, kind)
+            select(build_units(adapter, model, zeros, kind, "random", st.gqa), st.sparsity, st.global_rank, kind)
 
 
 def prune_structured(
@@ -157,13 +157,13 @@ def prune_structured(
     # ---- width
     if st.width_kinds:
         t0 = time.perf_counter()
-        check(adapter, model, Structure(kinds=st.width_kinds, ratio=st.ratio, gqa=st.gqa, global_rank=st.global_rank))
+        check(adapter, model, Structure(kinds=st.width_kinds, sparsity=st.sparsity, gqa=st.gqa, global_rank=st.global_rank))
         stats = None
         if st.criterion == "fluctuation" or st.bias_compensation:
             stats = imp.collect_meanvar(adapter, model, calibration_batches, bs, device, progress)
         scores = scores_for(adapter, model, st, calibration_batches, stats, bs, progress)
         units = {k: build_units(adapter, model, scores, k, st.criterion, st.gqa) for k in st.width_kinds}
-        removed = {k: select(units[k], st.ratio, st.global_rank, k) for k in st.width_kinds}
+        removed = {k: select(units[k], st.sparsity, st.global_rank, k) for k in st.width_kinds}
         plan = make_plan(adapter, model, units, removed)
         expected -= removed_params(adapter, model, plan)
         times["score_s"] = time.perf_counter() - t0
@@ -194,7 +194,7 @@ def prune_structured(
     # ---- hidden size (after heads/MLP, scored on the model as it now is)
     if "hidden" in st.kinds:
         t0 = time.perf_counter()
-        n = hid.check_hidden(adapter, model, st.ratio)
+        n = hid.check_hidden(adapter, model, st.sparsity)
         d = model.config.hidden_size
         sc = hid.scores(adapter, model, st.criterion, calibration_batches, bs, st.seed, progress)
         keep = sorted(torch.argsort(sc, descending=True, stable=True)[: d - n].tolist())
@@ -223,7 +223,7 @@ def summary_lines(report: Report) -> list[str]:
     s, r = report.summary, report.recipe.get("structure") or {}
     what = []
     if r.get("kinds"):
-        what.append(f"{','.join(r['kinds'])} ratio {r['ratio']:g} by {r['criterion']}"
+        what.append(f"{','.join(r['kinds'])} sparsity {r.get('sparsity', r.get('ratio', 0)):g} by {r['criterion']}"
                     + (" (global rank)" if r.get("global_rank") else "") + (" + bias compensation" if r.get("bias_compensation") else ""))
     if r.get("remove_layers"):
         what.append(f"{r['remove_layers']} layer(s) by block influence")

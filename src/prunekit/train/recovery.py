@@ -28,16 +28,23 @@ from types import MethodType
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 from torch import nn
 
 from prunekit.arch import adapter_for, target_layers
 from prunekit.checks import check_finite
 from prunekit.core.masks import Masks
 from prunekit.errors import PruneError
-from prunekit.recipe import Recovery, _one_sentence
+from prunekit.core.registry import Registry
+from prunekit.recipe import Recovery
 
-RECOVERY_METHODS = ("perp", "lora", "full", "distill")
+RECOVERY_METHODS = Registry("recovery method")
+for _name, _desc in (
+    ("perp", "norms, biases and masked LoRA adapters (PERP)"),
+    ("lora", "masked LoRA adapters only"),
+    ("full", "every weight, the masks attached"),
+    ("distill", "like perp, with a KL term to the dense teacher"),
+):
+    RECOVERY_METHODS.register(_name, _name, description=_desc)
 WARMUP_FRACTION = 0.1  # linear warmup over the first 10% of steps, then cosine decay
 MIN_LR_FACTOR = 0.1  # the cosine ends at 10% of the recipe's lr
 MAX_GRAD_NORM = 1.0
@@ -57,20 +64,7 @@ class PruningMasks:
 
 def make_recovery(**fields) -> Recovery:
     """``Recovery(**fields)`` whose validation errors are one-sentence :class:`PruneError` s."""
-    try:
-        return Recovery(**fields)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        if err["type"] == "literal_error" and where == "method":
-            raise PruneError(
-                f"Unknown recovery method {err['input']!r}; choose one of: {', '.join(RECOVERY_METHODS)}."
-            ) from None
-        if err["type"] == "extra_forbidden":
-            raise PruneError(
-                f"Unknown recovery field {where!r}; the fields are: {', '.join(Recovery.model_fields)}."
-            ) from None
-        raise PruneError(_one_sentence(e)) from None
+    return Recovery.make(**fields)
 
 
 def pruning_masks(model: nn.Module, structured: bool = False) -> PruningMasks:

@@ -23,9 +23,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from prunekit.core.masks import prunable
+from prunekit.core.registry import Registry
 from prunekit.errors import PruneError
 
-CHANNEL_CRITERIA = ("magnitude", "l1", "lamp", "taylor", "random", "bn-scale", "snip", "synflow", "grasp")
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
           nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -111,29 +112,32 @@ class ScoreImportance:
         return imp
 
 
-def _importance(criterion: str, model: nn.Module, example: torch.Tensor, batches, input_shape):
-    tp = _tp()
-    if criterion == "magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=2)
-    if criterion == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
-    if criterion == "lamp":
-        return tp.importance.LAMPImportance(p=2)
-    if criterion == "taylor":
-        return tp.importance.GroupTaylorImportance()
-    if criterion == "random":
-        return tp.importance.RandomImportance()
-    if criterion == "bn-scale":
-        return tp.importance.BNScaleImportance()
-    if criterion in ("snip", "synflow", "grasp"):
+def _score_importance(criterion: str):
+    def build(model, example, batches, input_shape):
         from prunekit.vision.criteria import score
-        from prunekit.core.masks import prunable
 
         names = list(prunable(model))
         s = score(model, criterion, names, batches=batches, input_shape=input_shape or tuple(example.shape[1:]))
         mods = dict(model.named_modules())
         return ScoreImportance({mods[k.rsplit(".", 1)[0]]: v for k, v in s.items()})
-    raise PruneError(f"Unknown channel criterion {criterion!r}; choose one of {', '.join(CHANNEL_CRITERIA)}.")
+
+    return build
+
+
+# every channel criterion: fn(model, example, batches, input_shape) -> a Torch-Pruning importance
+CHANNEL_CRITERIA = Registry("channel criterion")
+CHANNEL_CRITERIA.register("magnitude", lambda *a: _tp().importance.GroupMagnitudeImportance(p=2), description="group L2 norm")
+CHANNEL_CRITERIA.register("l1", lambda *a: _tp().importance.GroupMagnitudeImportance(p=1), description="group L1 norm")
+CHANNEL_CRITERIA.register("lamp", lambda *a: _tp().importance.LAMPImportance(p=2), description="LAMP over groups")
+CHANNEL_CRITERIA.register("taylor", lambda *a: _tp().importance.GroupTaylorImportance(), description="group Taylor")
+CHANNEL_CRITERIA.register("random", lambda *a: _tp().importance.RandomImportance(), description="random (baseline)")
+CHANNEL_CRITERIA.register("bn-scale", lambda *a: _tp().importance.BNScaleImportance(), description="|BatchNorm gamma|")
+for _c in ("snip", "synflow", "grasp"):
+    CHANNEL_CRITERIA.register(_c, _score_importance(_c), description=f"weight {_c} scores summed over the group")
+
+
+def _importance(criterion: str, model: nn.Module, example: torch.Tensor, batches, input_shape):
+    return CHANNEL_CRITERIA.get(criterion).impl(model, example, batches, input_shape)
 
 
 @torch.no_grad()

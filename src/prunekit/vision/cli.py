@@ -22,7 +22,7 @@ def bundled_recipes() -> list[str]:
 
 
 def _read_recipe(path: Path) -> dict:
-    from prunekit.recipe import read_mapping
+    from prunekit.core.config import read_mapping
 
     if not path.is_file() and (BUNDLED / f"{path}.yaml").is_file():
         path = BUNDLED / f"{path}.yaml"
@@ -40,7 +40,8 @@ def train_prune(
     model: Annotated[Optional[str], typer.Argument(help="cnn | resnet | vit | concat | efficientnet-lite0")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run directory (must not exist unless --overwrite)")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="fashion-mnist | synthetic")] = None,
-    method: Annotated[Optional[str], typer.Option(help="criterion: magnitude | random | snip | grasp | synflow | taylor (channels: also l1, lamp, bn-scale)")] = None,
+    criterion: Annotated[Optional[str], typer.Option(help="weights: magnitude | random | snip | grasp | synflow | taylor; channels: also l1, lamp, bn-scale")] = None,
+    method: Annotated[Optional[str], typer.Option(help="old spelling of --criterion (deprecated)", hidden=True)] = None,
     allocation: Annotated[Optional[str], typer.Option(help="uniform | global | owl | lamp | erk (global-min: old spelling of global with --min-density)")] = None,
     min_density: Annotated[Optional[float], typer.Option(help="global / lamp: least fraction of weights each layer keeps (Global MP)")] = None,
     schedule: Annotated[Optional[str], typer.Option(help="oneshot | gradual | lottery | at-init | scratch")] = None,
@@ -71,7 +72,15 @@ def train_prune(
     from prunekit.vision.train import make_config
 
     fields = _read_recipe(recipe) if recipe is not None else {}
-    flags = dict(model=model, dataset=dataset, method=method, allocation=allocation, min_density=min_density,
+    if method is not None:
+        import warnings
+
+        warnings.warn("--method is now --criterion for train-prune; --method will be removed in the next release",
+                      FutureWarning, stacklevel=1)
+        if criterion is not None and criterion != method:
+            raise PruneError("Give --criterion only (not also its old spelling --method).")
+        criterion = method
+    flags = dict(model=model, dataset=dataset, criterion=criterion, allocation=allocation, min_density=min_density,
                  schedule=schedule, sparsity=sparsity, structure=structure, epochs=epochs,
                  finetune_epochs=finetune_epochs, batch_size=batch_size, lr=lr, seed=seed, train_subset=train_subset,
                  test_subset=test_subset, image_size=image_size, rounds=rounds, rewind_step=rewind_step,
@@ -94,7 +103,7 @@ def train_prune(
     from prunekit.vision.train import train_prune as run
 
     torch.set_num_threads(max(1, threads))
-    print(f"train-prune: {cfg.model} on {cfg.dataset}, {cfg.structure} {cfg.method}/{cfg.allocation}, "
+    print(f"train-prune: {cfg.model} on {cfg.dataset}, {cfg.structure} {cfg.criterion}/{cfg.allocation}, "
           f"schedule {cfg.schedule}, target {cfg.sparsity:.1%}", file=sys.stderr, flush=True)
     model_, masks, info = run(cfg, progress=progress)
     save_run(out, model_, cfg, masks, info, overwrite=overwrite)

@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import PruneError
 from prunekit.core.masks import Masks, prunable
+from prunekit.core.registry import Registry
+from prunekit.errors import PruneError
 
-CRITERIA = ("magnitude", "random", "snip", "grasp", "synflow", "taylor")
+# every criterion: fn(model, names, batches, masks, seed, input_shape) -> {name: score}
+CRITERIA = Registry("criterion")
 DATA_FREE = ("magnitude", "random", "synflow")
 
 
@@ -175,23 +177,30 @@ def synflow_scores(model: nn.Module, names: Iterable[str], input_shape: Sequence
     return _masked(scores, masks)
 
 
+CRITERIA.register("magnitude", lambda m, n, b, masks, seed, shape: _masked(magnitude_scores(m, n), masks),
+                  description="|w|")
+CRITERIA.register("random", lambda m, n, b, masks, seed, shape: _masked(random_scores(m, n, seed), masks),
+                  description="uniform noise (with erk: the random + ERK baseline)")
+CRITERIA.register("snip", lambda m, n, b, masks, seed, shape: snip_scores(m, n, b, masks),
+                  description="|g * w| on a few batches (connection sensitivity)")
+CRITERIA.register("grasp", lambda m, n, b, masks, seed, shape: grasp_scores(m, n, b, masks),
+                  description="w * (H g), gradient-flow preservation")
+CRITERIA.register("synflow", lambda m, n, b, masks, seed, shape: _synflow(m, n, masks, shape),
+                  description="data-free |w * dR/dw| of the all-positive model (iterative)")
+CRITERIA.register("taylor", lambda m, n, b, masks, seed, shape: taylor_scores(m, n, b, masks),
+                  description="sum over batches of (g * w)^2 at trained weights")
+
+
+def _synflow(model, names, masks, input_shape):
+    if input_shape is None:
+        raise PruneError("SynFlow needs the input shape (e.g. 1,28,28); pass input_shape.")
+    return synflow_scores(model, names, input_shape, masks)
+
+
 def score(model: nn.Module, criterion: str, names: Iterable[str] | None = None, batches=None,
           masks: Masks | None = None, seed: int = 0, input_shape: Sequence[int] | None = None):
     """Scores of one criterion (see the module docstring). ``synflow`` here is a single pass; use
-    :func:`synflow_masks` for the iterative procedure."""
+    :func:`prunekit.vision.schedules.compute_masks` for the iterative procedure."""
+    fn = CRITERIA.get(criterion).impl
     names = list(names) if names is not None else list(prunable(model))
-    if criterion == "magnitude":
-        return _masked(magnitude_scores(model, names), masks)
-    if criterion == "random":
-        return _masked(random_scores(model, names, seed), masks)
-    if criterion == "snip":
-        return snip_scores(model, names, batches, masks)
-    if criterion == "grasp":
-        return grasp_scores(model, names, batches, masks)
-    if criterion == "taylor":
-        return taylor_scores(model, names, batches, masks)
-    if criterion == "synflow":
-        if input_shape is None:
-            raise PruneError("SynFlow needs the input shape (e.g. 1,28,28); pass input_shape.")
-        return synflow_scores(model, names, input_shape, masks)
-    raise PruneError(f"Unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}.")
+    return fn(model, names, batches, masks, seed, input_shape)

@@ -22,10 +22,19 @@ from torch import nn
 
 from prunekit.core.allocate import allocate_masks
 from prunekit.core.masks import Masks, check_sparsity, prunable
+from prunekit.core.registry import Registry
 from prunekit.errors import PruneError
 from prunekit.vision.criteria import CRITERIA, score
 
-SCHEDULES = ("oneshot", "gradual", "lottery", "at-init", "scratch")
+SCHEDULES = Registry("schedule")
+for _name, _desc in (
+    ("oneshot", "train dense, prune once, fine-tune with the mask"),
+    ("gradual", "cubic sparsity ramp (Zhu & Gupta 2017)"),
+    ("lottery", "iterative magnitude pruning with rewinding (Frankle et al.)"),
+    ("at-init", "score at initialization, train with the fixed mask"),
+    ("scratch", "a pruned model's mask on fresh weights (Liu et al. 2019)"),
+):
+    SCHEDULES.register(_name, _name, description=_desc)
 
 
 def cubic_sparsity(step: int, start: int, end: int, final: float, initial: float = 0.0, every: int = 1) -> float:
@@ -64,8 +73,7 @@ def compute_masks(model: nn.Module, sparsity: float, criterion: str = "magnitude
     ``masks``: weights already pruned stay pruned (their scores are -inf). SynFlow runs its iterative procedure
     (``iterations`` rounds, sparsity growing exponentially to the target, re-scored on the masked model)."""
     check_sparsity(sparsity)
-    if criterion not in CRITERIA:
-        raise PruneError(f"Unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}.")
+    criterion = CRITERIA.canonical(criterion)
     names = list(masks) if masks is not None else list(prunable(model, exclude))
     if criterion != "synflow":
         s = score(model, criterion, names, batches=batches, masks=masks, seed=seed, input_shape=input_shape)

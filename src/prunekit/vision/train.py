@@ -17,11 +17,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
+from prunekit.core.config import Config
 from prunekit.errors import PruneError
-from prunekit.core.allocate import KINDS as ALLOCATIONS
+from prunekit.core.allocate import ALLOCATIONS
+from prunekit.vision.channels import CHANNEL_CRITERIA
 from prunekit.vision.criteria import CRITERIA
 from prunekit.core.masks import Masks, check_sparsity, prunable, weight_sparsity
 from prunekit.vision.models import VISION_MODELS, build_model
@@ -31,15 +33,17 @@ DATASETS = ("fashion-mnist", "synthetic")
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
 
-class TrainPruneConfig(BaseModel):
+class TrainPruneConfig(Config):
     """One training-time pruning run (the recipe of ``prunekit train-prune``)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    what = "train-prune"
+    renamed = {"method": "criterion"}
     model: str = "cnn"
     dataset: Literal["fashion-mnist", "synthetic"] = "fashion-mnist"
     structure: Literal["weights", "channels"] = Field("weights", description="weights: unstructured masks; "
                                                       "channels: remove channels (the model shrinks)")
-    method: str = Field("magnitude", description="criterion: " + " | ".join(CRITERIA) + " (channels also l1, lamp, bn-scale)")
+    criterion: str = Field("magnitude", description="weights: " + " | ".join(CRITERIA) + "; channels: "
+                           + " | ".join(CHANNEL_CRITERIA))
     allocation: str | None = Field(None, description=" | ".join(ALLOCATIONS) + " (default: global for weights; "
                                    "channels: uniform = same ratio in every group, global = one ranking of "
                                    "normalized group scores over all groups)")
@@ -75,8 +79,7 @@ class TrainPruneConfig(BaseModel):
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(VISION_MODELS)}")
         if not (0.0 <= self.sparsity < 1.0):
             raise ValueError(f"target sparsity must be in [0, 1); got {self.sparsity}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        self.schedule = SCHEDULES.canonical(self.schedule)
         if self.allocation is None:
             self.allocation = "uniform" if self.structure == "channels" else "global"
         if self.structure == "channels" and self.allocation not in ("uniform", "global"):
@@ -85,7 +88,7 @@ class TrainPruneConfig(BaseModel):
             import warnings
 
             warnings.warn("allocation 'global-min' is now 'global' with min_density (the per-layer floor); "
-                          "'global-min' will be removed in the next release", DeprecationWarning, stacklevel=2)
+                          "'global-min' will be removed in the next release", FutureWarning, stacklevel=2)
             if self.min_density is None:
                 raise ValueError("allocation global-min needs min_density")
             self.allocation = "global"
@@ -93,8 +96,7 @@ class TrainPruneConfig(BaseModel):
             raise ValueError("allocation list (a sparsity per layer) is for LLM pruning; use uniform, global, owl, lamp or erk")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
-        if self.structure == "weights" and self.method not in CRITERIA:
-            raise ValueError(f"unknown criterion {self.method!r}; choose one of {', '.join(CRITERIA)}")
+        self.criterion = (CRITERIA if self.structure == "weights" else CHANNEL_CRITERIA).canonical(self.criterion)
         if self.structure == "channels" and self.schedule in ("gradual", "lottery"):
             raise ValueError("channel pruning supports the schedules oneshot, at-init (PreCropping) and scratch")
         if self.gradual_end <= self.gradual_start:
@@ -134,13 +136,8 @@ class TrainPruneConfig(BaseModel):
 
 
 def make_config(**kw) -> TrainPruneConfig:
-    try:
-        return TrainPruneConfig(**{k: v for k, v in kw.items() if v is not None})
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err.get("loc", ()))
-        msg = err.get("msg", str(e)).removeprefix("Value error, ")
-        raise PruneError(f"Bad train-prune setting{(' ' + where) if where else ''}: {msg}.") from None
+    """The config from keyword fields (None = default); a mistake is one sentence."""
+    return TrainPruneConfig.make(**{k: v for k, v in kw.items() if v is not None})
 
 
 # -- data ---------------------------------------------------------------------------------------------------
@@ -303,8 +300,8 @@ def _input_shape(data: dict) -> tuple[int, ...]:
 def prune_once(model: nn.Module, data: dict, cfg: TrainPruneConfig, sparsity: float,
                masks: Masks | None = None) -> Masks:
     """Masks at ``sparsity`` by the recipe's criterion + allocation (scores on ``score_batches`` batches)."""
-    batches = batches_of(data, cfg.score_batches, cfg.batch_size, cfg.seed) if cfg.method in ("snip", "grasp", "taylor") else None
-    return compute_masks(model, sparsity, cfg.method, cfg.allocation, cfg.min_density, batches=batches, masks=masks,
+    batches = batches_of(data, cfg.score_batches, cfg.batch_size, cfg.seed) if cfg.criterion in ("snip", "grasp", "taylor") else None
+    return compute_masks(model, sparsity, cfg.criterion, cfg.allocation, cfg.min_density, batches=batches, masks=masks,
                          seed=cfg.seed, input_shape=_input_shape(data), iterations=cfg.synflow_iterations,
                          exclude=cfg.exclude)
 
@@ -372,7 +369,7 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
                 train_epochs(model, data, cfg.epochs, cfg, None, "dense", hist, progress=progress, seed=cfg.seed)
             info["dense_acc"] = evaluate(model, data["x_test"], data["y_test"])
             batches = batches_of(data, cfg.score_batches, cfg.batch_size, cfg.seed)
-            info["channels"] = prune_channels(model, example, cfg.sparsity, cfg.method, ignore=ignore_dense, batches=batches,
+            info["channels"] = prune_channels(model, example, cfg.sparsity, cfg.criterion, ignore=ignore_dense, batches=batches,
                                               global_pruning=cfg.allocation == "global")
             if cfg.schedule == "scratch":
                 reinitialize(model, cfg.seed + 1)
@@ -483,7 +480,7 @@ def save_run(out: str | Path, model: nn.Module, cfg: TrainPruneConfig, masks: Ma
                 manifest[k] = info[k]
         (tmp / "prunekit.json").write_text(dumps(manifest))
         (tmp / "curves.json").write_text(dumps(info.get("history", [])))
-        _plot_curves(info.get("history", []), tmp / "curves.png", f"{cfg.model} {cfg.method}/{cfg.allocation} {cfg.schedule}")
+        _plot_curves(info.get("history", []), tmp / "curves.png", f"{cfg.model} {cfg.criterion}/{cfg.allocation} {cfg.schedule}")
     return out
 
 

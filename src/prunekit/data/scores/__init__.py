@@ -8,19 +8,30 @@ example, higher = harder (or, for ``prototype``, farther from the nearest k-mean
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
+from pydantic import model_validator
 
+from prunekit.core.config import Config
+from prunekit.core.registry import Registry
 from prunekit.errors import PruneError
 
-SCORES = ("random", "el2n", "grand", "forgetting", "aum", "entropy", "prototype")
-LABEL_FREE = ("random", "prototype")
+
+def _load_scores() -> None:
+    """Every module of this package registers its score (``@SCORES.register(name, needs_labels=...)``)."""
+    import importlib
+    import pkgutil
+
+    for m in pkgutil.iter_modules(__path__):
+        if not m.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{m.name}")
 
 
-@dataclass
-class ScoreConfig:
+SCORES = Registry("score", loader=_load_scores)
+
+
+class ScoreConfig(Config):
     seed: int = 0
     seeds: int = 3  # short runs averaged (el2n, grand, entropy)
     epochs: int | None = None  # default: 2 for el2n/grand/entropy ("early"), 6 for forgetting/aum (whole run)
@@ -34,8 +45,16 @@ class ScoreConfig:
     embed_dim: int = 64
     image_size: int = 64
 
+    what = "data score"
+    flags = True
+
     def to_dict(self):
-        return asdict(self)
+        return self.model_dump()
+
+    @model_validator(mode="after")
+    def _valid(self):
+        self.check()
+        return self
 
     def check(self, n: int | None = None) -> None:
         """One sentence for a value no score can use (``n``: examples in the data set)."""
@@ -85,20 +104,18 @@ class ScoreResult:
 
 
 def compute(name: str, ds, cfg: ScoreConfig | None = None, *, engine=None, progress: bool = False) -> ScoreResult:
-    if name not in SCORES:
-        raise PruneError(f"Unknown score {name!r}; use one of {', '.join(SCORES)}.")
+    entry = SCORES.get(name)
     if len(ds) < 2:
         raise PruneError("The data set has fewer than 2 examples; give a larger one.")
     cfg = cfg or ScoreConfig()
     cfg.check(len(ds))
     if name in ("el2n", "entropy", "forgetting", "aum") and cfg.epochs == 0:
         raise PruneError(f"The {name} score needs at least 1 training epoch (only grand is defined at initialization).")
-    if name not in LABEL_FREE:
+    if entry.meta.get("needs_labels", True):
         ds.require_labels(f"The {name} score")
-    mod = importlib.import_module(f"prunekit.data.scores.{name}")
     from prunekit.data.engine import get_engine
 
-    res = mod.score(ds, cfg, engine=get_engine(engine), progress=progress)
+    res = entry.impl(ds, cfg, engine=get_engine(engine), progress=progress)
     v = np.asarray(res.values, dtype=np.float64)
     if v.shape != (len(ds),):
         raise RuntimeError(f"score {name} returned {v.shape} values for {len(ds)} examples")

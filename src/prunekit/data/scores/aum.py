@@ -5,7 +5,7 @@ that higher = harder. Averaged over ``seeds`` runs of ``epochs``."""
 import numpy as np
 import torch
 
-from prunekit.data.scores import ScoreResult
+from prunekit.data.scores import SCORES, ScoreResult
 from prunekit.data.scores._dynamics import run_seeds
 from prunekit.data.train import fit
 
@@ -24,6 +24,7 @@ def _task(x, y, num_classes, tcfg):
     return (-(total / count.clamp_min(1))).numpy()
 
 
+@SCORES.register("aum", description="-AUM: area under the margin", needs_labels=True)
 def score(ds, cfg, engine=None, progress=False):
     epochs = 6 if cfg.epochs is None else cfg.epochs
     runs = run_seeds(_task, ds, cfg, engine, epochs, progress, "aum")

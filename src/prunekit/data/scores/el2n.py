@@ -2,7 +2,7 @@
 
 import torch.nn.functional as F
 
-from prunekit.data.scores import ScoreResult
+from prunekit.data.scores import SCORES, ScoreResult
 from prunekit.data.scores._dynamics import probs_after, run_seeds
 
 
@@ -11,6 +11,7 @@ def _task(x, y, num_classes, tcfg):
     return (p - F.one_hot(y, num_classes).float()).norm(dim=1).numpy()
 
 
+@SCORES.register("el2n", description="EL2N: error norm early in training", needs_labels=True)
 def score(ds, cfg, engine=None, progress=False):
     epochs = 2 if cfg.epochs is None else cfg.epochs
     runs = run_seeds(_task, ds, cfg, engine, epochs, progress, "el2n")

@@ -5,7 +5,7 @@ forgotten (epochs + 1, as in the paper's ranking). Averaged over ``seeds`` runs 
 import numpy as np
 import torch
 
-from prunekit.data.scores import ScoreResult
+from prunekit.data.scores import SCORES, ScoreResult
 from prunekit.data.scores._dynamics import run_seeds
 from prunekit.data.train import fit
 
@@ -26,6 +26,7 @@ def _task(x, y, num_classes, tcfg):
     return torch.where(learned, forgets, torch.full_like(forgets, tcfg.epochs + 1)).numpy()
 
 
+@SCORES.register("forgetting", description="forgetting events over training", needs_labels=True)
 def score(ds, cfg, engine=None, progress=False):
     epochs = 6 if cfg.epochs is None else cfg.epochs
     runs = run_seeds(_task, ds, cfg, engine, epochs, progress, "forgetting")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prunekit.data.scores import ScoreResult
+from prunekit.data.scores import SCORES, ScoreResult
 from prunekit.data.scores._dynamics import probs_after, run_seeds
 from prunekit.errors import PruneError
 
@@ -46,6 +46,7 @@ def _make_task(which):
 _TASKS = {"all": _make_task("all"), "last": _make_task("last")}
 
 
+@SCORES.register("grand", description="GraNd: gradient norm early in training", needs_labels=True)
 def score(ds, cfg, engine=None, progress=False):
     if cfg.grand_params not in _TASKS:
         raise PruneError(f"Unknown --grand-params {cfg.grand_params!r}; use all or last.")

@@ -7,9 +7,10 @@ import numpy as np
 
 from prunekit.data.clusters import kmeans
 from prunekit.data.embed import embed, resolve
-from prunekit.data.scores import ScoreResult
+from prunekit.data.scores import SCORES, ScoreResult
 
 
+@SCORES.register("prototype", description="distance to the nearest k-means prototype (no labels)", needs_labels=False)
 def score(ds, cfg, engine=None, progress=False):
     enc = resolve(ds, cfg.encoder)
     z = embed(ds, enc, engine=engine, seed=cfg.seed, dim=cfg.embed_dim, image_size=cfg.image_size, progress=progress)
