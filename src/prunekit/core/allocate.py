@@ -31,15 +31,14 @@ from prunekit.core.registry import Registry
 from prunekit.errors import PruneError
 
 ALLOCATIONS = Registry("allocation")
-for _name, _desc in (
+ALLOCATIONS.register_names((
     ("uniform", "every layer the same fraction"),
     ("global", "one ranking over all layers; min_density: the per-layer floor (Global MP)"),
     ("owl", "outlier-weighted layerwise sparsity per group (decoder block)"),
     ("lamp", "layer-adaptive magnitude scores ranked globally"),
     ("erk", "Erdos-Renyi-Kernel densities from the layer shapes"),
     ("list", "an explicit sparsity per group (decoder layer)"),
-):
-    ALLOCATIONS.register(_name, _name, description=_desc)
+))
 
 
 def erk_densities(shapes: dict[str, tuple[int, ...]], sparsity: float, power: float = 1.0) -> dict[str, float]:

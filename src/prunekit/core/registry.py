@@ -53,6 +53,11 @@ class Registry:
 
         return add if impl is None else add(impl)
 
+    def register_names(self, described: tuple[tuple[str, str], ...]) -> None:
+        """Register concepts that are only names (the code dispatches on the name): ``((name, description), ...)``."""
+        for name, description in described:
+            self.register(name, name, description=description)
+
     def names(self) -> list[str]:
         self._load()
         return list(self._entries)

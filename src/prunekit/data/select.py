@@ -27,13 +27,12 @@ from prunekit.core.registry import Registry
 from prunekit.errors import PruneError
 
 STRATEGIES = Registry("strategy")
-for _name, _desc in (
+STRATEGIES.register_names((
     ("easiest", "keep the lowest scores"), ("hardest", "keep the highest scores"), ("random", "a seeded random subset"),
     ("ccs", "coverage-centric: drop the hardest beta, stratified over score bins"),
     ("dbp", "density-based: cluster budgets from cluster complexity"),
     ("semdedup", "semantic deduplication inside clusters"),
-):
-    STRATEGIES.register(_name, _name, description=_desc)
+))
 
 
 def budget(n: int, keep: float) -> int:

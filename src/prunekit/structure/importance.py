@@ -31,14 +31,13 @@ from prunekit.linear import weight_matrix
 from prunekit.structure.shrink import attention_removed, block_heads, mlp_removed
 
 CRITERIA = Registry("structured criterion")
-for _name, _desc in (
+CRITERIA.register_names((
     ("magnitude", "L2 norm of the group's weights"),
     ("magnitude-l1", "L1 norm of the group's weights"),
     ("fluctuation", "FLAP: input variance x squared column norm (hidden: Minitron's activation score)"),
     ("taylor", "LLM-Pruner's first-order |w * dL/dw| summed over the group"),
     ("random", "seeded uniform scores (the baseline)"),
-):
-    CRITERIA.register(_name, _name, description=_desc)
+))
 
 
 @dataclass

@@ -38,13 +38,12 @@ from prunekit.core.registry import Registry
 from prunekit.recipe import Recovery
 
 RECOVERY_METHODS = Registry("recovery method")
-for _name, _desc in (
+RECOVERY_METHODS.register_names((
     ("perp", "norms, biases and masked LoRA adapters (PERP)"),
     ("lora", "masked LoRA adapters only"),
     ("full", "every weight, the masks attached"),
     ("distill", "like perp, with a KL term to the dense teacher"),
-):
-    RECOVERY_METHODS.register(_name, _name, description=_desc)
+))
 WARMUP_FRACTION = 0.1  # linear warmup over the first 10% of steps, then cosine decay
 MIN_LR_FACTOR = 0.1  # the cosine ends at 10% of the recipe's lr
 MAX_GRAD_NORM = 1.0

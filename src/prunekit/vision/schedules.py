@@ -27,14 +27,13 @@ from prunekit.errors import PruneError
 from prunekit.vision.criteria import CRITERIA, score
 
 SCHEDULES = Registry("schedule")
-for _name, _desc in (
+SCHEDULES.register_names((
     ("oneshot", "train dense, prune once, fine-tune with the mask"),
     ("gradual", "cubic sparsity ramp (Zhu & Gupta 2017)"),
     ("lottery", "iterative magnitude pruning with rewinding (Frankle et al.)"),
     ("at-init", "score at initialization, train with the fixed mask"),
     ("scratch", "a pruned model's mask on fresh weights (Liu et al. 2019)"),
-):
-    SCHEDULES.register(_name, _name, description=_desc)
+))
 
 
 def cubic_sparsity(step: int, start: int, end: int, final: float, initial: float = 0.0, every: int = 1) -> float:
