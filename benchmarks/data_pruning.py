@@ -49,14 +49,20 @@ SEED_MINUTES = 5.5
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (not for reporting)")
+    ap.add_argument("--only", default=None, help="re-run some rows: comma-separated score/strategy pairs, e.g. "
+                    "random/random,el2n/ccs (written to results/data_pruning_rows.*)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     quick = args.quick
     pool_n, steps, t_steps = (500, 20, 40) if quick else (10000, 300, 1500)
     seeds = [0] if quick else [0, 1, 2]
+    if args.seeds:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    only = None if args.only is None else [tuple(x.split("/")) for x in args.only.split(",")]
     fractions = [0.1, 0.5] if quick else FRACTIONS
     width = 8
-    out_stem = RESULTS / ("data_pruning_quick" if quick else "data_pruning")
+    out_stem = RESULTS / ("data_pruning_quick" if quick else "data_pruning_rows" if only else "data_pruning")
     RESULTS.mkdir(exist_ok=True)
     t_start = time.perf_counter()
 
@@ -73,8 +79,11 @@ def main():
 
     cache = Path(os.environ.get("PRUNEKIT_DP_CACHE", "/tmp/prunekit-dp-cache")) / ("quick" if quick else "full")
     cache.mkdir(parents=True, exist_ok=True)
+    wanted = None if only is None else {sc.replace("-k100", "_k100") for sc, _ in only} | {"random", "prototype_k100"}
     for name, cfg in [(nm, ScoreConfig(**scfg, encoder="pca", clusters=10)) for nm in ["random"] + SCORES] + \
             [("prototype_k100", ScoreConfig(encoder="pca", clusters=100))]:
+        if wanted is not None and name not in wanted:
+            continue
         f = cache / f"{name}.parquet"
         if not f.exists():  # scores are cached (they are the slow, seed-independent part); timings travel with them
             t0 = time.perf_counter()
@@ -111,6 +120,11 @@ def main():
     combos = [("random", "random")] + [(s, st) for s in SCORES for st in ("hardest", "easiest", "ccs")
                                        if st != "easiest" or s in ("el2n", "forgetting", "prototype")] + \
              [("prototype-k100", "dbp"), ("prototype-k100", "semdedup")]
+    if only is not None:
+        unknown = [c for c in only if c not in combos]
+        if unknown:
+            raise SystemExit(f"--only: {unknown[0]} is not a row of the grid")
+        combos = only
     runs = []
 
     def tcfg(seed, st):
