@@ -117,6 +117,13 @@ def test_model_without_blocks_is_a_clear_error():
 def test_zoo_lists_assets():
     r = run("zoo")
     assert r.returncode == 0 and "smollm2-135m" in r.stdout and "shakespeare" in r.stdout
+    r = run("zoo", "--json")
+    items = {a["name"]: a for a in json.loads(r.stdout)}
+    # every family's bundled assets, with how each installs and whether it is here
+    for name in ("smollm2-135m", "shakespeare", "pydoc", "efficientnet-lite0", "fashion-mnist", "digits", "minilm"):
+        assert name in items and items[name]["install"] and isinstance(items[name]["available"], bool)
+    assert {a["family"] for a in items.values()} == {"llm", "vision", "data"}
+    assert items["pydoc"]["available"] and items["digits"]["available"]
 
 
 def test_prune_with_recovery_section(tiny_dir, tmp_path):

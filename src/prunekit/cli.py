@@ -22,18 +22,24 @@ def _say(msg: str) -> None:
 
 
 @app.command()
-def zoo() -> None:
-    """List the bundled models and texts (they work offline)."""
-    from prunekit.zoo import MODELS, TEXTS
+def zoo(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """List every bundled asset of every family: what it is, how it installs, whether it is here (all offline)."""
+    from prunekit.zoo.catalog import assets
 
-    print("models:")
-    for m in MODELS.values():
-        print(f"  {m.name:<14} {m.description}  [package {m.package}]")
-    print("  <directory>    any local Hugging Face model directory (a prunekit output too)")
-    print("  <owner/name>   a Hugging Face hub id (needs a network)")
-    print("texts:")
-    for name, desc in TEXTS.items():
-        print(f"  {name:<14} {desc}")
+    items = assets()
+    if as_json:
+        print(json.dumps([a.to_dict() for a in items], indent=2))
+        return
+    for family in ("llm", "vision", "data"):
+        print(f"{family}:")
+        for a in (x for x in items if x.family == family):
+            mark = "ok     " if a.available() else "missing"
+            print(f"  {mark} {a.name:<26} {a.kind:<8} {a.what}")
+            if not a.available():
+                print(f"          install: {a.install}")
+    print("models for prunekit prune / eval also: <directory> (any local Hugging Face model directory, a prunekit "
+          "output too) or <owner/name> (a hub id, needs a network)")
+    print("texts also: PATH.txt (any text file: first 80% calibration, last 20% evaluation)")
 
 
 def _load_windows(tok, text: str, split: str, seqlen: int, windows: int | None, bos: int | None):

