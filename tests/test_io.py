@@ -57,3 +57,29 @@ def test_save_refuses_existing_and_leaves_nothing_half_written(tmp_path):
     prunekit.save(tiny_model("llama"), None, ours, overwrite=True)
     assert not (ours / "stale.txt").exists() and (ours / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out"]
+
+
+def test_load_opens_any_run(tmp_path):
+    """prunekit.load opens an LLM output, a vision run and a data file."""
+    import numpy as np
+
+    from prunekit.data import load_dataset, save_scores
+    from prunekit.data.scores import ScoreResult
+    from prunekit.vision.train import make_config, save_run, train_prune
+
+    from tests.conftest import byte_tokenizer
+
+    llm = prunekit.save(tiny_model("llama"), byte_tokenizer(), tmp_path / "llm", {"recipe": {"method": "wanda"}})
+    run = prunekit.load(llm)
+    assert run.kind == "llm" and run.manifest["recipe"]["method"] == "wanda"
+    model, _tok, man = run  # the tuple of before
+    assert model is run.model
+    cfg = make_config(model="cnn", dataset="synthetic", epochs=1, finetune_epochs=0, sparsity=0.5, batch_size=64)
+    m, masks, info = train_prune(cfg, progress=False)
+    save_run(tmp_path / "vis", m, cfg, masks, info)
+    v = prunekit.load(tmp_path / "vis")
+    assert v.kind == "vision" and v.masks.sparsity() == pytest.approx(0.5, abs=1e-3)
+    ds = load_dataset("digits")
+    save_scores(tmp_path / "s.parquet", ds, ScoreResult("random", np.arange(len(ds), dtype=float)))
+    d = prunekit.load(tmp_path / "s.parquet")
+    assert d.kind == "data-score" and len(d.columns["score"]) == len(ds)

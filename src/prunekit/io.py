@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from prunekit.errors import PruneError
@@ -220,14 +221,50 @@ def read_manifest(path: str | Path) -> dict | None:
     return data
 
 
-def load(path: str | Path, trust_remote_code: bool = False):
-    """``(model, tokenizer, manifest)`` from a directory written by :func:`save` (or any HF directory).
+@dataclass
+class Run:
+    """What :func:`load` opened. ``kind``: ``llm`` (a model directory), ``vision`` (a train-prune run directory),
+    ``data-score`` / ``data-subset`` (a Parquet file of ``prunekit data``). Unpacking gives ``(model, tokenizer,
+    manifest)`` for an LLM, ``(model, masks, manifest)`` for a vision run, ``(columns, None, metadata)`` for data."""
 
-    A structured-pruning output whose layers differ in size (``prunekit_layer_sizes`` in its config.json) is
-    rebuilt layer by layer (stock ``from_pretrained`` cannot build it).
-    """
+    kind: str
+    manifest: dict | None
+    model: object = None
+    tokenizer: object = None
+    masks: object = None
+    columns: dict | None = None
+
+    def __iter__(self):
+        if self.kind == "llm":
+            return iter((self.model, self.tokenizer, self.manifest))
+        if self.kind == "vision":
+            return iter((self.model, self.masks, self.manifest))
+        return iter((self.columns, None, self.manifest))
+
+
+def load(path: str | Path, trust_remote_code: bool = False) -> Run:
+    """Open any prunekit output: an LLM model directory written by :func:`save` (or any Hugging Face directory;
+    per-layer-sized structured outputs are rebuilt), a vision run directory of ``prunekit train-prune``, or a
+    score / subset file of ``prunekit data``."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".parquet":
+        from prunekit.data.files import _read
+
+        for kind in ("score", "subset"):
+            try:
+                cols, meta = _read(p, kind)
+                return Run(f"data-{kind}", meta, columns=cols)
+            except PruneError:
+                continue
+        raise PruneError(f"{p} is not a score or subset file of prunekit data.")
+    manifest = read_manifest(p) if p.is_dir() else None
+    if manifest is not None and manifest.get("kind") == "prunekit-vision":
+        from prunekit.vision.train import load_run
+
+        model, masks, manifest = load_run(p)
+        return Run("vision", manifest, model=model, masks=masks)
     model, tok = load_any(path, trust_remote_code)
-    return model, tok, read_manifest(path)
+    return Run("llm", manifest, model=model, tokenizer=tok)
 
 
 def load_any(name_or_path: str | Path, trust_remote_code: bool = False):
