@@ -73,7 +73,7 @@ def test_load_opens_any_run(tmp_path):
     run = prunekit.load(llm)
     assert run.kind == "llm" and run.manifest["recipe"]["method"] == "wanda"
     model, _tok, man = run  # the tuple of before
-    assert model is run.model
+    assert model is run.model and run[0] is run.model and run[2] is run.manifest and len(run) == 3
     cfg = make_config(model="cnn", dataset="synthetic", epochs=1, finetune_epochs=0, sparsity=0.5, batch_size=64)
     m, masks, info = train_prune(cfg, progress=False)
     save_run(tmp_path / "vis", m, cfg, masks, info)

@@ -241,6 +241,12 @@ class Run:
             return iter((self.model, self.masks, self.manifest))
         return iter((self.columns, None, self.manifest))
 
+    def __getitem__(self, i):
+        return tuple(self)[i]
+
+    def __len__(self):
+        return 3
+
 
 def load(path: str | Path, trust_remote_code: bool = False) -> Run:
     """Open any prunekit output: an LLM model directory written by :func:`save` (or any Hugging Face directory;
