@@ -38,10 +38,9 @@ from pathlib import Path
 import torch
 
 from prunekit.vision.channels import count_macs, prune_channels
-from prunekit.core.masks import Masks, prunable
 from prunekit.vision.models import SmallCNN, efficientnet_lite0, sample_photos
 from prunekit.vision.schedules import Rewinder
-from prunekit.vision.train import (batches_of, evaluate, load_data, lottery, make_config, prune_once, recalibrate_bn,
+from prunekit.vision.train import (evaluate, load_data, lottery, make_config, prune_once, recalibrate_bn,
                                    reinitialize, train_epochs, train_prune)
 
 RESULTS = Path(__file__).parent / "results"

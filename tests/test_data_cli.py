@@ -41,8 +41,9 @@ def test_score_select_train_subprocess(tmp_path):
     r = run("train", "digits", "--subset", k, "--model", "mlp", "--epochs", "10", "--distill", "--out", m)
     assert r.returncode == 0, r.stderr
     res = json.loads(m.read_text())
-    assert res["kept"] == 404 and res["distill"] and 0.5 < res["test_accuracy"] <= 1
-    assert 0.5 < res["teacher_test_accuracy"] <= 1
+    assert res["kind"] == "data-train" and res["schema"] == 1 and res["recipe"]["distill"] and res["recipe"]["teacher"]
+    assert res["metrics"]["kept"] == 404 and 0.5 < res["metrics"]["test_accuracy"] <= 1
+    assert 0.5 < res["metrics"]["teacher_test_accuracy"] <= 1 and res["timings"]["train_seconds"] > 0
 
 
 def test_score_file_contents(monkeypatch, capsys, tmp_path):

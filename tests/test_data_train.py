@@ -17,9 +17,23 @@ def _one_thread(one_thread):
 
 def test_cnn_and_mlp_learn_digits():
     tr, te = load_dataset("digits"), load_dataset("digits", "test")
-    for model in ("cnn", "mlp", "linear"):
+    for model in ("fast-cnn", "mlp", "linear"):
         out = train_subset(tr, None, TrainConfig(model=model, epochs=8, lr=5e-3), test=te)
         assert out["test_accuracy"] > 0.85, (model, out["test_accuracy"])
+
+
+def test_cnn_is_the_old_spelling_of_fast_cnn():
+    """Data's 'cnn' (another network than vision's 'cnn') still works for one release, with a warning."""
+    from prunekit.data.scores import ScoreConfig
+    from prunekit.zoo.nets import FastCNN
+
+    with pytest.warns(FutureWarning, match="fast-cnn"):
+        cfg = TrainConfig(model="cnn")
+    assert cfg.model == "fast-cnn"
+    with pytest.warns(FutureWarning, match="fast-cnn"):
+        assert ScoreConfig(model="cnn").model == "fast-cnn"
+    x = features(load_dataset("digits"))
+    assert isinstance(fit(x[:64], torch.zeros(64, dtype=torch.long), 10, TrainConfig(steps=1)).net, FastCNN)
 
 
 def test_fixed_steps():

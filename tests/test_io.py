@@ -83,3 +83,42 @@ def test_load_opens_any_run(tmp_path):
     save_scores(tmp_path / "s.parquet", ds, ScoreResult("random", np.arange(len(ds), dtype=float)))
     d = prunekit.load(tmp_path / "s.parquet")
     assert d.kind == "data-score" and len(d.columns["score"]) == len(ds)
+
+
+SCHEMA_KEYS = {"schema", "kind", "recipe", "versions", "metrics", "timings", "layers"}
+
+
+def test_every_run_writes_one_schema(tmp_path):
+    """LLM model dirs, vision runs, data score/subset files and data-train metrics share one record."""
+    import numpy as np
+
+    from prunekit.data import load_dataset, save_keep, save_scores
+    from prunekit.data.scores import ScoreResult
+    from prunekit.report import Report
+    from prunekit.vision.train import make_config, save_run, train_prune
+
+    from tests.conftest import byte_tokenizer
+
+    model = tiny_model("llama")
+    rep = Report(recipe={"method": "magnitude"}, layers={"model.layers.0.mlp.up_proj": {"params": 4, "zeros": 2}},
+                 times={"prune_s": 1.5}, metrics={"perplexity": 3.0})
+    llm = prunekit.load(prunekit.save(model, byte_tokenizer(), tmp_path / "llm", rep.to_dict())).manifest
+    cfg = make_config(model="cnn", dataset="synthetic", epochs=1, finetune_epochs=0, sparsity=0.5, batch_size=64)
+    m, masks, info = train_prune(cfg, progress=False)
+    vis = prunekit.load(save_run(tmp_path / "vis", m, cfg, masks, info)).manifest
+    ds = load_dataset("digits")
+    save_scores(tmp_path / "s.parquet", ds, ScoreResult("random", np.arange(len(ds), dtype=float)), seconds=0.5)
+    score = prunekit.load(tmp_path / "s.parquet").manifest
+    save_keep(tmp_path / "k.parquet", np.arange(10), len(ds), {"dataset": "digits"}, recipe={"strategy": "random"})
+    subset = prunekit.load(tmp_path / "k.parquet").manifest
+    for rec, kind in ((llm, "llm"), (vis, "vision"), (score, "data-score"), (subset, "data-subset")):
+        assert SCHEMA_KEYS <= set(rec) and rec["schema"] == 1 and rec["kind"] == kind, (kind, sorted(rec))
+        assert rec["versions"]["prunekit"] == prunekit.__version__ and "torch" in rec["versions"]
+    assert llm["layers"] == [{"name": "model.layers.0.mlp.up_proj", "params": 4, "zeros": 2}]
+    assert llm["timings"] == {"prune_s": 1.5} and llm["metrics"] == {"perplexity": 3.0} and "times" not in llm
+    assert vis["timings"]["train_prune_s"] > 0 and vis["metrics"]["test_acc"] == info["metrics"]["test_acc"]
+    assert {r["name"] for r in vis["layers"]} == set(masks)
+    zeros = sum(r["zeros"] for r in vis["layers"]) / sum(r["params"] for r in vis["layers"])
+    assert zeros == pytest.approx(masks.sparsity())
+    assert score["recipe"]["score"] == "random" and score["timings"]["seconds"] == 0.5
+    assert subset["recipe"] == {"strategy": "random"} and subset["metrics"]["kept"] == 10

@@ -22,6 +22,7 @@ from torch import nn
 from prunekit.checks import check_finite_tensor
 from prunekit.errors import PruneError
 from prunekit.stats import STATS
+from prunekit.core.progress import bar as progress_bar
 
 
 class _StopForward(Exception):
@@ -176,7 +177,6 @@ def run_sequential(
 
     Returns wall seconds spent in forward passes (``forward_s``) and in ``on_group`` (``solve_s``).
     """
-    from tqdm.auto import tqdm
 
     device = torch.device(device)
     was_training = model.training
@@ -190,7 +190,7 @@ def run_sequential(
     times["forward_s"] += time.perf_counter() - t0
     stat_cls = STATS[statistic]
 
-    bar = tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress, leave=False)
+    bar = progress_bar(range(len(blocks)), desc=desc, unit="block", enabled=progress)
     for bi in bar:
         block = blocks[bi].to(device)
         group_of: dict[str, int] = {}

@@ -10,15 +10,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from prunekit.errors import PruneError
+from prunekit.cli_options import Overwrite, Progress, out_option, recipe_option, seed_option, start
+from prunekit.core.progress import say
 from prunekit.data.cli import data_app
+from prunekit.errors import PruneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune neural networks, measured honestly.")
 app.add_typer(data_app, name="data")
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+_say = say
 
 
 @app.command()
@@ -55,7 +56,7 @@ _BOS_HELP = "start every window with the begin-of-sequence token (default: as th
 @app.command()
 def prune(
     model: Annotated[str, typer.Argument(help="zoo name (smollm2-135m), model directory or hub id")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output directory (must not exist unless --overwrite)")],
+    out: Annotated[Path, out_option("output directory (must not exist unless --overwrite)")],
     method: Annotated[Optional[str], typer.Option(help="magnitude | wanda | sparsegpt | gblm")] = None,
     sparsity: Annotated[Optional[float], typer.Option(help="fraction removed, [0, 1): of the weights of each layer, or with --structure of each sublayer's weights (hidden: channels)")] = None,
     pattern: Annotated[Optional[str], typer.Option(help="unstructured, or N:M (N zeros in every M), e.g. 2:4")] = None,
@@ -73,15 +74,16 @@ def prune(
     calib: Annotated[Optional[str], typer.Option(help="calibration text: shakespeare | pydoc | PATH.txt")] = None,
     calib_samples: Annotated[Optional[int], typer.Option(help="calibration sequences")] = None,
     seqlen: Annotated[Optional[int], typer.Option(help="tokens per calibration sequence")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed of the calibration sampling")] = None,
+    seed: Annotated[Optional[int], seed_option("seed of the calibration sampling")] = None,
     blocksize: Annotated[Optional[int], typer.Option(help="SparseGPT column block")] = None,
     dampening: Annotated[Optional[float], typer.Option(help="SparseGPT dampening fraction")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML/JSON recipe; flags given here override its fields")] = None,
+    recipe: Annotated[Optional[Path], recipe_option()] = None,
     eval_text: Annotated[Optional[str], typer.Option(help="text for before/after perplexity (default: the calibration text's evaluation split); 'none' skips")] = None,
     eval_windows: Annotated[int, typer.Option(help="evaluation windows of --seqlen tokens")] = 16,
     generations: Annotated[int, typer.Option(help="greedy generations shown dense vs pruned")] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a prunekit output)")] = False,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow a model directory's own code (auto_map) to run; only for code you have read")] = False,
     structure: Annotated[Optional[str], typer.Option(help="structured: what to remove in width, any of heads,mlp,hidden (hidden = residual stream; the model shrinks)")] = None,
     ratio: Annotated[Optional[float], typer.Option(help="old spelling of --sparsity with --structure (deprecated)", hidden=True)] = None,
@@ -98,6 +100,7 @@ def prune(
     With --structure / --remove-layers / --remove-sublayers (or a recipe's structure section) whole heads, MLP
     channels or layers are removed and the saved model is smaller; it says whether stock transformers loads it.
     """
+    start(progress, hf=True)
     from prunekit import api, io
     from prunekit.arch import adapter_for
     from prunekit.batches import resolve_bos
@@ -269,8 +272,10 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help=_BOS_HELP)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow a model directory's own code (auto_map) to run; only for code you have read")] = False,
+    progress: Progress = True,
 ) -> None:
     """Perplexity of MODEL on the evaluation split of TEXT, with its sparsity and size."""
+    start(progress, hf=True)
     from prunekit import api, io
     from prunekit.batches import resolve_bos
     from prunekit.checks import check_finite, check_seqlen
@@ -318,7 +323,7 @@ def eval_(
 @app.command()
 def recover(
     pruned: Annotated[str, typer.Argument(help="pruned model: a prunekit output directory, any model directory, zoo name or hub id")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output directory (must not exist unless --overwrite)")],
+    out: Annotated[Path, out_option("output directory (must not exist unless --overwrite)")],
     method: Annotated[Optional[str], typer.Option(help="perp (norms, biases, masked LoRA) | lora | full | distill")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default 100)")] = None,
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (default 2e-4; 10% warmup, cosine decay)")] = None,
@@ -330,15 +335,18 @@ def recover(
     batch_size: Annotated[Optional[int], typer.Option(help="sequences per step (default 4)")] = None,
     distill_weight: Annotated[Optional[float], typer.Option(help="distill: weight of the KL term in [0, 1] (default 0.5)")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="distill: softmax temperature (default 1)")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed of the sampling, batch order and LoRA init")] = None,
+    seed: Annotated[Optional[int], seed_option("seed of the sampling, batch order and LoRA init")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="distill: the dense model (default: the source in PRUNED's prunekit.json)")] = None,
     eval_text: Annotated[Optional[str], typer.Option(help="text for before/after perplexity (default: --text's evaluation split); 'none' skips")] = None,
     eval_windows: Annotated[int, typer.Option(help="evaluation windows of --seqlen tokens")] = 16,
-    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a prunekit output)")] = False,
+    recipe: Annotated[Optional[Path], recipe_option("YAML/JSON recovery settings, or an LLM recipe whose recovery section is used; flags given here override it")] = None,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
     bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help=_BOS_HELP)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow a model directory's own code (auto_map) to run; only for code you have read")] = False,
 ) -> None:
     """Train a pruned model briefly to win back quality; every pruned weight stays exactly zero."""
+    start(progress, hf=True)
     from prunekit import api, io
     from prunekit.batches import calibration_batches, resolve_bos, tokenize
     from prunekit.checks import check_seqlen
@@ -351,7 +359,14 @@ def recover(
         flags = {"method": method, "steps": steps, "lr": lr, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "text": text,
                  "samples": samples, "seqlen": seqlen, "batch_size": batch_size, "distill_weight": distill_weight,
                  "temperature": temperature, "seed": seed}
-        rec = make_recovery(**{k: v for k, v in flags.items() if v is not None})
+        fields = {}
+        if recipe is not None:
+            from prunekit.core.config import read_mapping
+
+            fields = read_mapping(recipe, "Recipe")
+            if isinstance(fields.get("recovery"), dict):  # a whole LLM recipe: its recovery section
+                fields = fields["recovery"]
+        rec = make_recovery(**{**fields, **{k: v for k, v in flags.items() if v is not None}})
         if eval_windows <= 0:
             raise PruneError(f"--eval-windows must be positive, got {eval_windows}.")
         io.check_output(out, overwrite, inputs=[pruned, teacher])
@@ -405,7 +420,7 @@ def recover(
         data = {k: v for k, v in (manifest or {}).items() if k != "versions"}
         data["recovery"] = {"input": pruned, "teacher": teacher_name, "recipe": rec.model_dump(), "bos": bos_token is not None, "stats": stats,
                             "metrics": {**metrics, "text": ev_text, "windows": 0 if windows is None else int(windows.shape[0])},
-                            "times": times}
+                            "timings": times}
         io.save(m, tok, out, data, overwrite=overwrite)
         print(f"recovery {rec.method}: {stats['steps']} steps in {stats['seconds']:.1f}s, {stats['trainable_params']:,} trainable "
               f"parameters, training loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f}")

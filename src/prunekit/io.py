@@ -123,17 +123,61 @@ def dumps(obj, indent: int | None = 2) -> str:
 
 
 def _versions() -> dict:
+    import sys
+
     import torch
-    import transformers
 
     from prunekit import __version__
 
-    return {
-        "prunekit": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
+    out = {"prunekit": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    if "transformers" in sys.modules:  # only what the run used: a data run does not import transformers
+        out["transformers"] = sys.modules["transformers"].__version__
+    return out
+
+
+SCHEMA = 1
+RUN_KINDS = ("llm", "vision", "data-score", "data-subset", "data-train")
+
+
+def record(kind: str, recipe: dict | None = None, *, metrics: dict | None = None, timings: dict | None = None,
+           layers=None, **extra) -> dict:
+    """The ``prunekit.json`` every command writes (also the metadata of data files): ``schema``, ``kind`` (one of
+    :data:`RUN_KINDS`), ``recipe`` (what was actually used), ``versions``, ``metrics``, ``timings`` (seconds),
+    ``layers`` (the per-layer table: one row per layer, ``name`` first) and the family's own fields.
+
+    ``layers`` may be a list of rows or a ``{name: {field: value}}`` mapping. A manifest of an earlier release
+    (``times`` instead of ``timings``, ``layers`` as a mapping) is read as this schema."""
+    if kind not in RUN_KINDS:
+        raise ValueError(f"unknown run kind {kind!r}")
+    if "times" in extra:
+        timings = {**extra.pop("times"), **(timings or {})}
+    if isinstance(layers, dict):
+        layers = [{"name": k, **v} for k, v in layers.items()]
+    extra.pop("schema", None)
+    extra.pop("versions", None)
+    return {"schema": SCHEMA, "kind": kind, "recipe": recipe or {}, "versions": _versions(), "metrics": metrics or {},
+            "timings": timings or {}, "layers": layers or [], **extra}
+
+
+def atomic_file(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary sibling of ``path``, then move it into place: a file is never left
+    half-written (on any exception the temporary is removed and ``path`` is untouched)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path.parent, path.name)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Strict JSON written atomically."""
+    return atomic_file(path, lambda t: Path(t).write_text(dumps(obj)))
 
 
 def save(model, tokenizer, out: str | Path, manifest: dict | None = None, overwrite: bool = False) -> Path:
@@ -150,8 +194,10 @@ def save(model, tokenizer, out: str | Path, manifest: dict | None = None, overwr
             mark_config_file(tmp)  # per-layer sizes: stock loaders must refuse it, prunekit.load rebuilds it
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        data = {"versions": _versions(), **(manifest or {})}
-        (tmp / MANIFEST).write_text(dumps(data))
+        man = dict(manifest or {})
+        (tmp / MANIFEST).write_text(dumps(record(man.pop("kind", "llm"), man.pop("recipe", None),
+                                                 metrics=man.pop("metrics", None), timings=man.pop("timings", None),
+                                                 layers=man.pop("layers", None), **man)))
     return out
 
 
@@ -264,7 +310,7 @@ def load(path: str | Path, trust_remote_code: bool = False) -> Run:
                 continue
         raise PruneError(f"{p} is not a score or subset file of prunekit data.")
     manifest = read_manifest(p) if p.is_dir() else None
-    if manifest is not None and manifest.get("kind") == "prunekit-vision":
+    if manifest is not None and manifest.get("kind") in ("vision", "prunekit-vision"):  # the latter: before schema 1
         from prunekit.vision.train import load_run
 
         model, masks, manifest = load_run(p)

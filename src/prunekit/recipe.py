@@ -5,10 +5,11 @@ A recipe is saved beside every result (``prunekit.json``) so that a run can be r
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from prunekit.core.registry import registered
 from prunekit.core.config import Config, read_mapping  # noqa: F401  (read_mapping: the one recipe-file reader)
 from prunekit.errors import PruneError
 
@@ -27,6 +28,24 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise PruneError(f"Pattern {pattern!r} needs 0 < N < M (N zeros in every M weights), e.g. '2:4' or '4:8'.")
     return n, m
+
+
+def _fraction_removed(v: float) -> float:
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {v}")
+    return v
+
+
+Sparsity = Annotated[float, AfterValidator(_fraction_removed)]  # the fraction removed, in [0, 1)
+
+
+def _unit(v: float) -> float:
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"must be in [0, 1], got {v}")
+    return v
+
+
+Fraction = Annotated[float, AfterValidator(_unit)]  # a share in [0, 1] (a density, a loss weight)
 
 
 class Calibration(Config):
@@ -60,25 +79,11 @@ class Allocation(Config):
     """How the sparsity is spread over layers (see prunekit.core.allocate)."""
 
     what = "allocation"
-    kind: str = "uniform"
-    min_density: float = Field(0.0, description="global / lamp: the least fraction of weights any layer keeps")
+    kind: Annotated[str, registered("prunekit.core.allocate", "ALLOCATIONS")] = "uniform"
+    min_density: Fraction = Field(0.0, description="global / lamp: the least fraction of weights any layer keeps")
     owl_m: float = Field(5.0, description="OWL: a score is an outlier above M x its block's mean score")
     owl_lambda: float = Field(0.08, description="OWL: block sparsities span [s - lambda, s + lambda]")
     per_layer: list[float] | None = Field(None, description="list: one sparsity per decoder layer")
-
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, v: str) -> str:
-        from prunekit.core.allocate import ALLOCATIONS
-
-        return ALLOCATIONS.canonical(v)
-
-    @field_validator("min_density")
-    @classmethod
-    def _density(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"must be in [0, 1], got {v}")
-        return v
 
     @model_validator(mode="after")
     def _list_given(self) -> Allocation:
@@ -98,7 +103,7 @@ class Recovery(Config):
     """
 
     what = "recovery"
-    method: str = "perp"
+    method: Annotated[str, registered("prunekit.train.recovery", "RECOVERY_METHODS")] = "perp"
     steps: int = 100
     lr: float = 2e-4
     lora_rank: int = 8
@@ -107,16 +112,9 @@ class Recovery(Config):
     samples: int = 128
     seqlen: int = 256
     batch_size: int = 4
-    distill_weight: float = 0.5
+    distill_weight: Fraction = 0.5
     temperature: float = 1.0
     seed: int = 0
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        from prunekit.train.recovery import RECOVERY_METHODS
-
-        return RECOVERY_METHODS.canonical(v)
 
     @field_validator("steps", "lora_rank", "samples", "seqlen", "batch_size")
     @classmethod
@@ -132,13 +130,6 @@ class Recovery(Config):
             raise ValueError(f"must be positive, got {v}")
         return v
 
-    @field_validator("distill_weight")
-    @classmethod
-    def _weight(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"must be in [0, 1], got {v}")
-        return v
-
 
 class Structure(Config):
     """Structured pruning: remove whole heads / MLP channels / layers so the model gets smaller and faster.
@@ -152,10 +143,10 @@ class Structure(Config):
     kinds: list[Literal["heads", "mlp", "hidden"]] = Field(
         default_factory=list, description="what to prune in width: heads, mlp, hidden (the residual stream, Minitron)"
     )
-    sparsity: float = Field(
+    sparsity: Sparsity = Field(
         0.0, description="fraction of each attention / MLP sublayer's weights removed (of the hidden channels for hidden), [0, 1)"
     )
-    criterion: str = "fluctuation"
+    criterion: Annotated[str, registered("prunekit.structure.importance", "CRITERIA")] = "fluctuation"
     global_rank: bool = Field(False, description="rank standardized scores over all layers (FLAP) instead of per layer")
     bias_compensation: bool = Field(False, description="add the removed channels' mean output to the biases (FLAP)")
     gqa: Literal["query", "kv"] = Field(
@@ -167,20 +158,6 @@ class Structure(Config):
         "influence", description="influence: one pass, 1 - cos over each sublayer; greedy: FinerCut, least output change"
     )
     seed: int = Field(0, description="seed of the random criterion")
-
-    @field_validator("sparsity")
-    @classmethod
-    def _sparsity(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {v}")
-        return v
-
-    @field_validator("criterion")
-    @classmethod
-    def _criterion(cls, v: str) -> str:
-        from prunekit.structure.importance import CRITERIA
-
-        return CRITERIA.canonical(v)
 
     @field_validator("remove_layers", "remove_sublayers")
     @classmethod
@@ -230,23 +207,16 @@ class Recipe(Config):
 
     what = "recipe"
 
-    method: str = Field("wanda", description="the pruning method (prunekit.methods.METHODS)")
+    method: Annotated[str, registered("prunekit.methods", "METHODS")] = Field("wanda", description="the pruning method (prunekit.methods.METHODS)")
     options: dict = Field(default_factory=dict, description="the method's own options (e.g. sparsegpt: blocksize, "
                           "dampening; gblm: alpha); a saved recipe lists every one with its value")
-    sparsity: float = 0.5
+    sparsity: Sparsity = 0.5
     pattern: str = "unstructured"
     allocation: Allocation = Field(default_factory=Allocation)
     exclude: list[str] = Field(default_factory=list, description="fnmatch patterns of module names left dense")
     calibration: Calibration = Field(default_factory=Calibration)
     recovery: Recovery | None = Field(None, description="optional training after pruning (masks kept)")
     structure: Structure | None = Field(None, description="structured pruning (heads, MLP channels, layers) instead of sparsity")
-
-    @field_validator("sparsity")
-    @classmethod
-    def _sparsity_range(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {v}")
-        return v
 
     @field_validator("pattern")
     @classmethod
@@ -275,13 +245,6 @@ class Recipe(Config):
                     options.setdefault(new, value)
         data["options"] = options
         return data
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        from prunekit.methods import METHODS
-
-        return METHODS.canonical(v)
 
     @model_validator(mode="after")
     def _method_options(self) -> Recipe:

@@ -31,6 +31,11 @@ class Report:
                 f"kept dense (not linear layers, no method prunes them): {sum(d.values()):,} weights in "
                 + ", ".join(d)
             )
+        return out + self.tail_lines()
+
+    def tail_lines(self) -> list[str]:
+        """Timings, metrics and generations: the end of every report, unstructured or structured."""
+        out = []
         if self.times:
             out.append("time  " + "  ".join(f"{k} {v:.1f}s" for k, v in self.times.items()))
         if self.metrics:

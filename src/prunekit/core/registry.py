@@ -92,3 +92,17 @@ class Registry:
                 raise PruneError(f"The {self.concept} {entry.name!r} takes no options; drop {', '.join(sorted(given))}.")
             return None
         return entry.params.make(**(given or {}))
+
+
+def registered(module: str, name: str):
+    """A pydantic validator for a config field naming an entry of the registry ``module.name``: the value becomes the
+    registered name (aliases resolved), an unknown one is the registry's "choose one of" sentence. The registry is
+    imported when a value is checked, so a config module does not import every family."""
+    from pydantic import AfterValidator
+
+    def check(v: str) -> str:
+        import importlib
+
+        return getattr(importlib.import_module(module), name).canonical(v)
+
+    return AfterValidator(check)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from prunekit.cli_options import Overwrite, Progress, out_option, recipe_option, seed_option, start
+from prunekit.core.progress import say
 from prunekit.errors import PruneError
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -20,10 +21,10 @@ TextCol = Annotated[str, typer.Option(help="CSV/JSONL: the text column")]
 LabelCol = Annotated[str, typer.Option(help="CSV/JSONL: the label column (used when present; 'none' for unlabeled)")]
 LabelsOpt = Annotated[Optional[Path], typer.Option(help=".npy data: a .npy file of labels, one per example")]
 ImageSize = Annotated[int, typer.Option(help="image folder: images are resized to this many pixels square")]
+DataRecipe = Annotated[Optional[Path], recipe_option("YAML/JSON file of these options (names with _ or -); flags given here override it")]
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+_say = say
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -38,7 +39,7 @@ def _is_our_json(path: Path) -> bool:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and "kept" in data and "total" in data
+    return isinstance(data, dict) and (data.get("kind") == "data-train" or ("kept" in data and "total" in data))
 
 
 def _with_recipe(ctx: typer.Context, recipe: Path | None, values: dict) -> dict:
@@ -73,24 +74,26 @@ def _load(dataset, split, text_column, label_column, labels, image_size):
 def score_cmd(
     ctx: typer.Context,
     dataset: DatasetArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="output .parquet: index, score (higher = harder), label, ...")],
+    out: Annotated[Path, out_option("output .parquet: index, score (higher = harder), label, ...")],
     score: Annotated[str, typer.Option("--score", help="random | el2n | grand | forgetting | aum | entropy | prototype")] = "el2n",
     split: Annotated[str, typer.Option(help="built-in data sets: train or test")] = "train",
-    seed: Annotated[int, typer.Option(help="seed of the first run (runs use seed, seed+1, ...)")] = 0,
+    seed: Annotated[int, seed_option("seed of the first run (runs use seed, seed+1, ...)")] = 0,
     seeds: Annotated[int, typer.Option(help="training runs averaged (el2n, grand, entropy, forgetting, aum)")] = 3,
     epochs: Annotated[Optional[int], typer.Option(help="epochs per run (default 2 for el2n/grand/entropy, 6 for forgetting/aum; grand: 0 = at init)")] = None,
-    model: Annotated[str, typer.Option(help="auto (cnn for images, mlp otherwise) | cnn | mlp | linear")] = "auto",
+    model: Annotated[str, typer.Option(help="auto (fast-cnn for images, mlp otherwise) | fast-cnn | mlp | linear")] = "auto",
     grand_params: Annotated[str, typer.Option(help="grand: all (exact per-example gradients) | last (classifier layer)")] = "all",
     encoder: Annotated[str, typer.Option(help="prototype/embeddings: auto | efficientnet-lite0 | pca | pixels | minilm")] = "auto",
     clusters: Annotated[Optional[int], typer.Option(help="prototype: k-means clusters (default: number of classes, or 10)")] = None,
     with_embeddings: Annotated[bool, typer.Option("--with-embeddings", help="also store embeddings and clusters (for --strategy dbp / semdedup)")] = False,
     engine: Annotated[str, typer.Option(help="local | ray (Ray Data; local Ray unless --ray-address)")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address, e.g. ray://host:10001")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a file prunekit wrote)")] = False,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
     text_column: TextCol = "text", label_column: LabelCol = "label", labels: LabelsOpt = None, image_size: ImageSize = 32,
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML/JSON file of these options (names with _ or -); flags given here override it")] = None,
+    recipe: DataRecipe = None,
 ) -> None:
     """Score every example of DATASET (one float each, higher = harder) into a Parquet file."""
+    start(progress)
     _v = _with_recipe(ctx, recipe, dict(dataset=dataset, out=out, score=score, split=split, seed=seed, seeds=seeds,
         epochs=epochs, model=model, grand_params=grand_params, encoder=encoder, clusters=clusters,
         with_embeddings=with_embeddings, engine=engine, ray_address=ray_address, overwrite=overwrite,
@@ -111,7 +114,7 @@ def score_cmd(
     ds = _load(dataset, split, text_column, label_column, labels, image_size)
     _say(f"scoring {len(ds):,} examples of {ds.name} with {score} on the {engine} engine ...")
     t0 = time.perf_counter()
-    res = run_score(ds, score, cfg, engine=engine, address=ray_address, with_embeddings=with_embeddings, progress=True)
+    res = run_score(ds, score, cfg, engine=engine, address=ray_address, with_embeddings=with_embeddings, progress=progress)
     secs = time.perf_counter() - t0
     save_scores(out, ds, res, cfg=cfg.to_dict(), engine=engine, seconds=secs)
     v = res.values
@@ -123,7 +126,7 @@ def score_cmd(
 def select_cmd(
     ctx: typer.Context,
     scores: Annotated[Path, typer.Argument(help="score file from `prunekit data score`")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output .parquet with the kept indices")],
+    out: Annotated[Path, out_option("output .parquet with the kept indices")],
     keep: Annotated[Optional[float], typer.Option(help="fraction of the examples to keep, in (0, 1]")] = None,
     strategy: Annotated[str, typer.Option(help="easiest | hardest | random | ccs | dbp | semdedup")] = "hardest",
     class_balanced: Annotated[bool, typer.Option("--class-balanced", help="every class keeps the same fraction")] = False,
@@ -132,11 +135,13 @@ def select_cmd(
     eps: Annotated[Optional[float], typer.Option(help="semdedup: drop examples with cosine similarity > 1 - eps to a kept one")] = None,
     temperature: Annotated[float, typer.Option(help="dbp: softmax temperature of the cluster budgets")] = 0.1,
     neighbors: Annotated[int, typer.Option(help="dbp: nearest other centroids in the inter-cluster distance")] = 5,
-    seed: Annotated[int, typer.Option(help="seed of the sampling and the tie-breaking")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a file prunekit wrote)")] = False,
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML/JSON file of these options (names with _ or -); flags given here override it")] = None,
+    seed: Annotated[int, seed_option("seed of the sampling and the tie-breaking")] = 0,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
+    recipe: DataRecipe = None,
 ) -> None:
     """Select the subset to keep from a score file."""
+    start(progress)
     _v = _with_recipe(ctx, recipe, dict(scores=scores, out=out, keep=keep, strategy=strategy,
         class_balanced=class_balanced, beta=beta, bins=bins, eps=eps, temperature=temperature, neighbors=neighbors,
         seed=seed, overwrite=overwrite))
@@ -154,9 +159,9 @@ def select_cmd(
                  temperature=temperature, neighbors=neighbors)
     n = len(cols["score"])
     save_keep(out, idx, n, {"dataset": meta.get("dataset"), "split": meta.get("split"), "score": meta.get("score"),
-                            "strategy": strategy, "keep": keep, "class_balanced": class_balanced, "beta": beta,
-                            "bins": bins, "eps": eps, "seed": seed, "source": str(scores),
-                            "fingerprint": meta.get("fingerprint")})
+                            "strategy": strategy, "source": str(scores), "fingerprint": meta.get("fingerprint")},
+              recipe={"strategy": strategy, "keep": keep, "class_balanced": class_balanced, "beta": beta, "bins": bins,
+                      "eps": eps, "temperature": temperature, "neighbors": neighbors, "seed": seed})
     line = f"kept {len(idx):,} of {n:,} ({len(idx) / n:.1%}) by {strategy} on {meta.get('score')} scores"
     if "label" in cols:
         counts = [int(c) for c in __import__("numpy").bincount(cols["label"][idx], minlength=int(cols["label"].max()) + 1)]
@@ -173,20 +178,22 @@ def train_cmd(
     epochs: Annotated[int, typer.Option(help="training epochs over the subset")] = 5,
     steps: Annotated[Optional[int], typer.Option(help="train a fixed number of steps instead of --epochs (same compute for every subset size)")] = None,
     teacher_epochs: Annotated[Optional[int], typer.Option(help="teacher epochs on the full data (default: --epochs)")] = None,
-    model: Annotated[str, typer.Option(help="auto (cnn for images, mlp otherwise) | cnn | mlp | linear")] = "auto",
+    model: Annotated[str, typer.Option(help="auto (fast-cnn for images, mlp otherwise) | fast-cnn | mlp | linear")] = "auto",
     temperature: Annotated[float, typer.Option(help="distillation temperature")] = 4.0,
     alpha: Annotated[float, typer.Option(help="distillation weight (the label loss gets 1 - alpha)")] = 0.9,
     lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, one-cycle)")] = 2e-3,
     batch_size: Annotated[int, typer.Option(help="minibatch size")] = 128,
-    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    seed: Annotated[int, seed_option("training seed")] = 0,
     split: Annotated[str, typer.Option(help="built-in data sets: the split trained on")] = "train",
     test: Annotated[Optional[str], typer.Option(help="data set to test on (default: the built-in's test split)")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the metrics as JSON here")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists (only a file prunekit wrote)")] = False,
+    out: Annotated[Optional[Path], out_option("write the metrics as JSON here")] = None,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
     text_column: TextCol = "text", label_column: LabelCol = "label", labels: LabelsOpt = None, image_size: ImageSize = 32,
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML/JSON file of these options (names with _ or -); flags given here override it")] = None,
+    recipe: DataRecipe = None,
 ) -> None:
     """Train a small model on the kept subset (optionally distilled) and report test accuracy."""
+    start(progress)
     _v = _with_recipe(ctx, recipe, dict(dataset=dataset, subset=subset, distill=distill, epochs=epochs, steps=steps,
         teacher_epochs=teacher_epochs, model=model, temperature=temperature, alpha=alpha, lr=lr,
         batch_size=batch_size, seed=seed, split=split, test=test, out=out, overwrite=overwrite,
@@ -194,7 +201,9 @@ def train_cmd(
     (dataset, subset, distill, epochs, steps, teacher_epochs, model, temperature, alpha, lr, batch_size, seed, split,
         test, out, overwrite, text_column, label_column, labels, image_size) = _v.values()
     from prunekit.data import TrainConfig, load_keep, train_subset
-    from prunekit.data.datasets import has_test_split, write_json
+    from prunekit.data.train import auto_model, model_name
+    from prunekit.data.datasets import has_test_split
+    from prunekit.io import write_json
 
     if not (0.0 <= alpha <= 1.0):
         raise PruneError(f"--alpha must be in [0, 1], got {alpha}.")
@@ -221,18 +230,24 @@ def train_cmd(
         test_ds = _load(test, "test", text_column, label_column, labels, image_size)
     elif has_test_split(dataset) and split == "train":
         test_ds = _load(dataset, "test", text_column, label_column, labels, image_size)
-    kind = model if model != "auto" else ("cnn" if ds.kind == "image" else "mlp")
+    kind = model_name(model) if model != "auto" else auto_model(ds.kind)
     cfg = TrainConfig.make(model=kind, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
                       alpha=alpha, steps=steps)
     tcfg = TrainConfig.make(**{**cfg.model_dump(), "epochs": teacher_epochs or epochs, "steps": None})
     n_keep = len(ds) if keep is None else len(keep)
     _say(f"training a {kind} on {n_keep:,} of {len(ds):,} examples for " + (f"{steps} steps" if steps else f"{epochs} epochs")
          + (f", distilled from a teacher trained on all of them ({tcfg.epochs} epochs)" if distill else "") + " ...")
-    res = train_subset(ds, keep, cfg, test=test_ds, distill=distill, teacher_cfg=tcfg, progress=True)
+    res = train_subset(ds, keep, cfg, test=test_ds, distill=distill, teacher_cfg=tcfg, progress=progress)
     res.pop("model")
-    res.update(dataset=ds.name, subset=str(subset) if subset else None, config=cfg.model_dump())
+    res.update(dataset=ds.name, subset=str(subset) if subset else None)
     if out is not None:
-        write_json(out, res)
+        from prunekit.io import record
+
+        metrics = {k: res[k] for k in ("test_accuracy", "teacher_test_accuracy", "kept", "total", "fraction") if k in res}
+        timings = {k: res[k] for k in ("train_seconds", "teacher_seconds") if k in res}
+        write_json(out, record("data-train", {**cfg.model_dump(), "distill": distill,
+                                              **({"teacher": tcfg.model_dump()} if distill else {})},
+                               metrics=metrics, timings=timings, dataset=ds.name, subset=res["subset"]))
     acc = f"test accuracy {res['test_accuracy']:.4f}" if "test_accuracy" in res else "no test set (give --test)"
     extra = f" (teacher {res['teacher_test_accuracy']:.4f})" if "teacher_test_accuracy" in res else ""
     print(f"trained on {res['kept']:,}/{res['total']:,} ({res['fraction']:.1%}) in {res['train_seconds']:.1f}s: {acc}{extra}"

@@ -11,7 +11,6 @@ A :class:`DataSet` holds either images (uint8 ``[N, H, W]`` or ``[N, H, W, C]``)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,7 +177,6 @@ def _read_table(path: Path, nrows: int | None = None):
 
 
 def _text(path: Path, text_column: str, label_column: str | None) -> DataSet:
-    import pandas as pd
 
     df = _read_table(path)
     if text_column not in df.columns:
@@ -220,24 +218,3 @@ def load_dataset(spec: str, split: str = "train", *, text_column: str = "text", 
 
 def has_test_split(spec: str) -> bool:
     return spec in BUILTIN
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the file into place (no half-written outputs)."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json(path: Path, obj) -> None:
-    from prunekit.io import dumps
-
-    atomic_write(Path(path), lambda t: Path(t).write_text(dumps(obj)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from prunekit.errors import PruneError
+from prunekit.core.progress import bar as progress_bar
 
 ENGINES = ("local", "ray")
 
@@ -51,9 +52,7 @@ class LocalEngine:
         outs = []
         blocks = self._blocks(n)
         if progress:
-            from tqdm import tqdm
-
-            blocks = tqdm(blocks, desc=progress, unit="block", leave=False)
+            blocks = progress_bar(blocks, desc=progress, unit="block")
         for idx in blocks:
             outs.append(fn(payload, idx, *args))
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]} if outs else {}
@@ -64,9 +63,7 @@ class LocalEngine:
     def run_tasks(self, fn, args_list, progress: str | None = None):
         it = args_list
         if progress:
-            from tqdm import tqdm
-
-            it = tqdm(args_list, desc=progress, unit="run", leave=False)
+            it = progress_bar(args_list, desc=progress, unit="run")
         return [fn(*a) for a in it]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prunekit.data.datasets import atomic_write
+from prunekit.io import atomic_file
 from prunekit.errors import PruneError
 
 
@@ -25,7 +25,7 @@ def _write(path, columns: dict, meta: dict):
         else:
             arrays[k] = pa.array(v)
     table = pa.table(arrays).replace_schema_metadata({"prunekit": json.dumps(meta)})
-    atomic_write(Path(path), lambda t: pq.write_table(table, str(t)))
+    atomic_file(Path(path), lambda t: pq.write_table(table, str(t)))
 
 
 def _read(path, kind: str):
@@ -40,7 +40,7 @@ def _read(path, kind: str):
     except Exception as e:
         raise PruneError(f"{p} is not a Parquet {kind} file ({type(e).__name__}); give one written by prunekit.") from e
     meta = json.loads((t.schema.metadata or {}).get(b"prunekit", b"{}"))
-    if meta.get("kind") != kind:
+    if meta.get("kind") not in (kind, f"data-{kind}"):  # "score" / "subset": files written before schema 1
         raise PruneError(f"{p} is not a prunekit {kind} file; give the one written by `prunekit data "
                          f"{'score' if kind == 'score' else 'select'}`.")
     cols = {}
@@ -61,9 +61,11 @@ def save_scores(path, ds, res, *, cfg: dict | None = None, engine: str = "local"
     for k in ("cluster", "centroid_distance", "embedding"):
         if k in res.extra:
             cols[k] = res.extra[k]
-    meta = {"kind": "score", "dataset": ds.name, "split": ds.meta.get("split"), "n": len(ds), "score": res.name,
-            "fingerprint": ds.fingerprint(),
-            "config": cfg or {}, "info": res.info, "engine": engine, "seconds": seconds}
+    from prunekit.io import record
+
+    meta = record("data-score", {"score": res.name, **(cfg or {})}, timings={"seconds": seconds} if seconds is not None else None,
+                  dataset=ds.name, split=ds.meta.get("split"), n=len(ds), score=res.name, fingerprint=ds.fingerprint(),
+                  info=res.info, engine=engine)
     _write(path, cols, meta)
 
 
@@ -74,8 +76,15 @@ def load_scores(path):
     return cols, meta
 
 
-def save_keep(path, keep, n: int, meta: dict):
-    _write(path, {"index": np.asarray(keep, dtype=np.int64)}, {"kind": "subset", "n": int(n), **meta})
+def save_keep(path, keep, n: int, meta: dict, recipe: dict | None = None):
+    """A subset file: the kept indices, with the selection's ``recipe`` and provenance (``meta``) in the run
+    record."""
+    from prunekit.io import record
+
+    meta = {k: v for k, v in meta.items() if k not in ("kind", "n")}
+    _write(path, {"index": np.asarray(keep, dtype=np.int64)},
+           record("data-subset", recipe, metrics={"kept": int(len(keep)), "fraction": len(keep) / max(1, int(n))},
+                  n=int(n), **meta))
 
 
 def load_keep(path, n: int | None = None, dataset: str | None = None, fingerprint: str | None = None):
@@ -99,6 +108,6 @@ def is_prunekit_file(path) -> bool:
         import pyarrow.parquet as pq
 
         meta = pq.read_schema(str(path)).metadata or {}
-        return json.loads(meta.get(b"prunekit", b"{}")).get("kind") in ("score", "subset")
+        return json.loads(meta.get(b"prunekit", b"{}")).get("kind") in ("score", "subset", "data-score", "data-subset")
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return False

@@ -17,41 +17,29 @@ import torch.nn.functional as F
 from pydantic import model_validator
 
 from prunekit.core.config import Config
+from prunekit.zoo.nets import MLP, FastCNN
+from prunekit.core.loop import kd_loss, make_optimizer, make_schedule, train_loop
 from prunekit.errors import PruneError
 
-MODELS = ("cnn", "mlp", "linear")
+MODELS = ("fast-cnn", "mlp", "linear")
+CHOICES = ("auto",) + MODELS
 
 
-class SmallCNN(nn.Module):
-    """Two strided convolutions and a linear head (~0.3 MFLOP per 28x28 image): fast on a CPU."""
+def model_name(name: str) -> str:
+    """The data family's name for a network; ``cnn`` is the spelling before the shared vocabulary (where ``cnn`` is
+    the vision SmallCNN) and means ``fast-cnn`` for one more release."""
+    if name == "cnn":
+        import warnings
 
-    def __init__(self, in_ch: int, num_classes: int, width: int = 16):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, width, 5, stride=2, padding=2)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d(4)
-        self.fc = nn.Linear(2 * width * 16, num_classes)
-
-    def embed(self, x):
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        return self.pool(x).flatten(1)
-
-    def forward(self, x):
-        return self.fc(self.embed(x))
+        warnings.warn("data model 'cnn' is now 'fast-cnn' (vision's 'cnn' is another network); 'cnn' will be "
+                      "removed in the next release", FutureWarning, stacklevel=3)
+        return "fast-cnn"
+    return name
 
 
-class MLP(nn.Module):
-    def __init__(self, d_in: int, num_classes: int, hidden: int = 256):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(d_in, hidden), nn.ReLU()) if hidden else nn.Flatten()
-        self.fc = nn.Linear(hidden or d_in, num_classes)
-
-    def embed(self, x):
-        return self.body(x)
-
-    def forward(self, x):
-        return self.fc(self.body(x))
+def auto_model(ds_kind: str) -> str:
+    """``fast-cnn`` for images, ``mlp`` for vectors and text embeddings."""
+    return "fast-cnn" if ds_kind == "image" else "mlp"
 
 
 def features(ds, encoder: str = "auto", engine=None, progress: bool = False) -> torch.Tensor:
@@ -72,16 +60,16 @@ def features(ds, encoder: str = "auto", engine=None, progress: bool = False) -> 
 def build_model(kind: str, x: torch.Tensor, num_classes: int, width: int = 16) -> nn.Module:
     if kind not in MODELS:
         raise PruneError(f"Unknown model {kind!r}; use one of {', '.join(MODELS)}.")
-    if kind == "cnn":
+    if kind == "fast-cnn":
         if x.dim() != 4:
             raise PruneError("The CNN needs images; use --model mlp or linear for feature vectors and texts.")
-        return SmallCNN(x.shape[1], num_classes, width)
+        return FastCNN(x.shape[1], num_classes, width)
     d = int(np.prod(x.shape[1:]))
     return MLP(d, num_classes, hidden=0 if kind == "linear" else 256)
 
 
 class TrainConfig(Config):
-    model: str = "cnn"
+    model: str = "fast-cnn"
     epochs: int = 5
     batch_size: int = 128
     lr: float = 2e-3
@@ -97,6 +85,7 @@ class TrainConfig(Config):
 
     @model_validator(mode="after")
     def _valid(self):
+        self.model = model_name(self.model)
         self.check()
         return self
 
@@ -104,7 +93,7 @@ class TrainConfig(Config):
         """One sentence for a value training cannot use."""
         from prunekit.data.scores import _check_choice, _check_ints, _check_positive
 
-        _check_choice("model", self.model, ("auto", "cnn", "mlp", "linear"))
+        _check_choice("model", self.model, CHOICES)
         _check_ints(self, ("epochs", 1), ("batch_size", 1), ("width", 1), ("seed", 0))
         if self.steps is not None:
             _check_ints(self, ("steps", 1))
@@ -152,40 +141,39 @@ def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, *,
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = max(1, cfg.steps if cfg.steps else cfg.epochs * steps_per_epoch)
     epochs = math.ceil(total / steps_per_epoch)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    opt = make_optimizer(model.parameters(), "adamw", cfg.lr, cfg.weight_decay)
+    sched = make_schedule(opt, "onecycle", total, pct_start=0.15)
+    left = {"steps": total}
 
-        bar = tqdm(total=total, desc="training", unit="step", leave=False)
-    model.train()
-    done = 0
-    for epoch in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for s in range(steps_per_epoch):
-            if done == total:
-                break
-            done += 1
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            logits = model(x[idx])
-            loss = F.cross_entropy(logits, y[idx])
-            if teacher_logits is not None:
-                T = cfg.temperature
-                kd = F.kl_div(F.log_softmax(logits / T, 1), F.log_softmax(teacher_logits[idx] / T, 1),
-                              log_target=True, reduction="batchmean") * T * T
-                loss = (1 - cfg.alpha) * loss + cfg.alpha * kd
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if on_batch is not None:
-                on_batch(epoch, idx, logits.detach())
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+    def epoch_batches():
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=g)
+            yield _take(perm, steps_per_epoch, cfg.batch_size, left)
+
+    def loss_fn(model, idx):
+        logits = model(x[idx])
+        loss = F.cross_entropy(logits, y[idx])
+        if teacher_logits is not None:
+            loss = (1 - cfg.alpha) * loss + cfg.alpha * kd_loss(logits, teacher_logits[idx], cfg.temperature)
+        return loss, logits
+
+    after = None
+    if on_batch is not None:
+        def after(step, epoch, idx, logits, loss):
+            on_batch(epoch, idx, logits.detach())
+
+    train_loop(model, opt, epoch_batches(), loss_fn, scheduler=sched, after_step=after, total=total,
+               desc="training", progress=progress)
     return model.eval()
+
+
+def _take(perm: torch.Tensor, steps: int, batch_size: int, left: dict):
+    """The epoch's mini-batches of ``perm`` while the step budget ``left["steps"]`` lasts."""
+    for s in range(steps):
+        if left["steps"] == 0:
+            return
+        left["steps"] -= 1
+        yield perm[s * batch_size:(s + 1) * batch_size]
 
 
 @torch.no_grad()

@@ -11,18 +11,18 @@ import math
 
 import torch
 import torch.nn.functional as F
+from prunekit.core.progress import bar as progress_bar
 from torch import nn
 
 
 @torch.no_grad()
 def score_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = False, device="cpu"):
     """``(perplexity, predictions)``; predictions ``[n, seqlen - 1]`` are the argmax next tokens."""
-    from tqdm.auto import tqdm
 
     model.eval()
     nll, count, preds = 0.0, 0, []
     chunks = windows.split(batch_size)
-    for chunk in tqdm(chunks, desc="perplexity", unit="batch", disable=not progress, leave=False):
+    for chunk in progress_bar(chunks, desc="perplexity", unit="batch", enabled=progress):
         chunk = chunk.to(device)
         logits = model(input_ids=chunk, use_cache=False).logits[:, :-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), chunk[:, 1:].reshape(-1), reduction="sum")

@@ -18,36 +18,25 @@ from prunekit.core.config import Config
 from prunekit.linear import weight_matrix
 from prunekit.core.masks import layer_keep_mask
 from prunekit.methods.base import METHODS, Method
+from prunekit.core.gradients import gradient_pass
 
 
 def gradient_l2(model: nn.Module, batches: torch.Tensor, targets: list[tuple[str, nn.Module]], progress: bool = False) -> dict[str, torch.Tensor]:
-    """Per target layer, sqrt(sum over samples of grad^2) in the ``[out, in]`` layout."""
-    from tqdm.auto import tqdm
-
-    saved = {id(p): p.requires_grad for p in model.parameters()}
+    """Per target layer, sqrt(sum over samples of grad^2) in the ``[out, in]`` layout (one sample per backward:
+    the squares are of per-sample gradients)."""
+    names = [name for name, _ in targets]
     acc = {name: torch.zeros_like(weight_matrix(m), dtype=torch.float32) for name, m in targets}
-    was_training = model.training
-    model.eval()  # no dropout: the gradient of the deterministic model
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for _, m in targets:
-            m.weight.requires_grad_(True)
-        for row in tqdm(batches, desc="gblm gradients", unit="sample", disable=not progress, leave=False):
-            ids = row.unsqueeze(0)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            with torch.no_grad():
-                for name, m in targets:
-                    g = m.weight.grad
-                    g = g.t() if g.shape != acc[name].shape else g
-                    acc[name].add_(g.float().pow(2))
-                    m.weight.grad = None
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(saved[id(p)])
-            p.grad = None
-        model.train(was_training)
+
+    def loss(model, row):
+        ids = row.unsqueeze(0)
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def add(i, p, g):
+        a = acc[names[i]]
+        a.add_((g.t() if g.shape != a.shape else g).float().pow(2))
+
+    gradient_pass(model, [m.weight for _, m in targets], batches, loss, add, desc="gblm gradients", unit="sample",
+                  progress=progress)
     return {name: a.sqrt_() for name, a in acc.items()}
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from prunekit.arch.base import Adapter, _get
 from prunekit.errors import PruneError
 from prunekit.structure.shrink import Zero, attention_removed, keep_index, mlp_removed
+from prunekit.core.progress import bar as progress_bar
 
 HIDDEN_FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -137,7 +138,6 @@ def scores(adapter: Adapter, model: nn.Module, criterion: str, batches: torch.Te
 def activation_scores(model: nn.Module, norms: list[nn.Module], batches: torch.Tensor, batch_size: int,
                       progress: bool) -> torch.Tensor:
     """Minitron's activation importance: per channel, sqrt(mean over tokens of norm output^2), summed over norms."""
-    from tqdm.auto import tqdm
 
     sums = [None] * len(norms)
     count = [0]
@@ -154,7 +154,7 @@ def activation_scores(model: nn.Module, norms: list[nn.Module], batches: torch.T
     handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(norms)]
     device = next(model.parameters()).device
     try:
-        for chunk in tqdm(batches.split(batch_size), desc="hidden activations", unit="batch", disable=not progress, leave=False):
+        for chunk in progress_bar(batches.split(batch_size), desc="hidden activations", unit="batch", enabled=progress):
             model(input_ids=chunk.to(device), use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:

@@ -29,6 +29,7 @@ from prunekit.core.registry import Registry
 from prunekit.calibrate import run_sequential
 from prunekit.linear import weight_matrix
 from prunekit.structure.shrink import attention_removed, block_heads, mlp_removed
+from prunekit.core.gradients import gradient_pass
 
 CRITERIA = Registry("structured criterion")
 CRITERIA.register_names((
@@ -186,26 +187,19 @@ def gradient_sums(
 ) -> dict[int, torch.Tensor]:
     """Sum over calibration sequences of d(LM loss of the sequence)/d(param) for the weights and biases of
     ``modules``; keyed by ``id(param)``. Batched (the sum of per-sequence gradients is the gradient of the sum)."""
-    from tqdm.auto import tqdm
-
     params = [p for m in modules for p in (m.weight, getattr(m, "bias", None)) if p is not None]
-    saved = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-        for p in params:
-            p.requires_grad_(True)
-        device = params[0].device
-        for chunk in tqdm(batches.split(batch_size), desc="taylor gradients", unit="batch", disable=not progress, leave=False):
-            chunk = chunk.to(device)
-            loss = model(input_ids=chunk, labels=chunk, use_cache=False).loss * chunk.shape[0]
-            loss.backward()  # .grad accumulates over chunks
-        return {id(p): p.grad.detach().clone() for p in params if p.grad is not None}
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(saved[id(p)])
-            p.grad = None
-        model.train(was_training)
+    device = params[0].device
+    acc: dict[int, torch.Tensor] = {}
+
+    def loss(model, chunk):
+        chunk = chunk.to(device)
+        return model(input_ids=chunk, labels=chunk, use_cache=False).loss * chunk.shape[0]
+
+    def add(i, p, g):
+        if id(p) in acc:
+            acc[id(p)].add_(g)
+        else:
+            acc[id(p)] = g.detach().clone()
+
+    gradient_pass(model, params, batches.split(batch_size), loss, add, desc="taylor gradients", progress=progress)
+    return acc

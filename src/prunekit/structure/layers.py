@@ -22,6 +22,7 @@ from torch import nn
 from prunekit.arch.base import Adapter, _get
 from prunekit.calibrate import run_sequential
 from prunekit.structure.shrink import attention_removed, mlp_removed
+from prunekit.core.progress import bar as progress_bar
 
 
 def _angular(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
@@ -123,7 +124,6 @@ def greedy_sublayers(
 ) -> list[tuple[int, str]]:
     """FinerCut's greedy search: ``n`` sublayers, each step removing the one whose removal (together with those
     already chosen) changes the next-token distribution least (mean KL from the dense model)."""
-    from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
@@ -135,7 +135,7 @@ def greedy_sublayers(
     chosen: list[tuple[int, str]] = []
     fixed = []
     try:
-        bar = tqdm(range(n), desc="greedy sublayers", unit="removal", disable=not progress, leave=False)
+        bar = progress_bar(range(n), desc="greedy sublayers", unit="removal", enabled=progress)
         for _ in bar:
             best, best_kl = None, None
             for cand in sublayer_candidates(adapter, model):

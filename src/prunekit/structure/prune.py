@@ -244,12 +244,4 @@ def summary_lines(report: Report) -> list[str]:
     if detail:
         out.append("  ".join(detail))
     out.append(f"params {s['params_before']:,} -> {s['params']:,} ({s['params_ratio']:.3f}x), {s['num_layers']} layers")
-    if report.times:
-        out.append("time  " + "  ".join(f"{k} {v:.1f}s" for k, v in report.times.items()))
-    if report.metrics:
-        out.append("metrics  " + "  ".join(f"{k} {v:.3f}" for k, v in report.metrics.items()))
-    for g in report.generations:
-        out.append(f"prompt  {g['prompt']!r}")
-        out.append(f"  dense   {g['dense']!r}")
-        out.append(f"  pruned  {g['pruned']!r}")
-    return out
+    return out + report.tail_lines()

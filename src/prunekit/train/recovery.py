@@ -22,8 +22,6 @@ with an exception (Ctrl-C included) the exception propagates and the model is pu
 
 from __future__ import annotations
 
-import math
-import time
 from types import MethodType
 
 import torch
@@ -32,6 +30,7 @@ from torch import nn
 
 from prunekit.arch import adapter_for, target_layers
 from prunekit.checks import check_finite
+from prunekit.core.loop import kd_loss, make_optimizer, make_schedule, train_loop
 from prunekit.core.masks import Masks
 from prunekit.errors import PruneError
 from prunekit.core.registry import Registry
@@ -108,13 +107,6 @@ def _check_teacher(rec: Recovery, teacher, model: nn.Module) -> None:
     vm = getattr(getattr(model, "config", None), "vocab_size", None)
     if vt != vm:
         raise PruneError(f"The teacher's vocabulary ({vt} tokens) differs from the model's ({vm}); distill from the dense model it was pruned from.")
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return MIN_LR_FACTOR + (1.0 - MIN_LR_FACTOR) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _index_stream(n: int, batch_size: int, gen: torch.Generator):
@@ -267,69 +259,33 @@ def recover(
 
 
 def _train(model, rec: Recovery, ids, params, full_masks: Masks | None, teacher, device, progress: bool) -> dict:
-    """``full_masks``: every weight trains, the masks attached (removed weights get no gradient, hence no AdamW
-    moment, and are re-zeroed after each step)."""
-    from tqdm.auto import tqdm
-
-    opt = torch.optim.AdamW(params, lr=rec.lr, weight_decay=0.0)
-    if full_masks is not None:
-        full_masks.attach(model, opt)
-    try:
-        return _steps(model, rec, ids, params, opt, teacher, device, progress)
-    finally:
-        if full_masks is not None:
-            full_masks.detach()
-
-
-def _steps(model, rec: Recovery, ids, params, opt, teacher, device, progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
-    warmup = max(1, round(WARMUP_FRACTION * rec.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, rec.steps))
-    batches = _index_stream(ids.shape[0], rec.batch_size, torch.Generator().manual_seed(rec.seed))
+    """The shared training loop over seeded mini-batches of ``ids``: AdamW, linear warmup then cosine decay,
+    gradient clipping. ``full_masks``: every weight trains, the masks attached (removed weights get no gradient,
+    hence no AdamW moment, and are re-zeroed after each step)."""
+    opt = make_optimizer(params, "adamw", rec.lr, weight_decay=0.0)
+    sched = make_schedule(opt, "warmup-cosine", rec.steps, warmup=max(1, round(WARMUP_FRACTION * rec.steps)),
+                          min_factor=MIN_LR_FACTOR)
+    stream = _index_stream(ids.shape[0], rec.batch_size, torch.Generator().manual_seed(rec.seed))
     distill = rec.method == "distill"
     if distill:
         teacher.eval()
         teacher_device = next(teacher.parameters()).device
-    T, w = rec.temperature, rec.distill_weight
+    w = rec.distill_weight
 
-    losses: list[float] = []
-    running = None
-    model.train()
-    t0 = time.perf_counter()
-    bar = tqdm(range(rec.steps), desc=f"recover {rec.method}", unit="step", disable=not progress, leave=False)
-    for step in bar:
-        x = ids[next(batches)].to(device)
+    def loss_fn(model, rows):
+        x = ids[rows].to(device)
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
         vocab = logits.shape[-1]
         loss = F.cross_entropy(logits.reshape(-1, vocab), x[:, 1:].reshape(-1))
         if distill:
             with torch.no_grad():
                 t_logits = teacher(input_ids=x.to(teacher_device), use_cache=False).logits[:, :-1].float().to(device)
-            kd = F.kl_div(
-                F.log_softmax(logits / T, dim=-1).reshape(-1, vocab),
-                F.log_softmax(t_logits / T, dim=-1).reshape(-1, vocab),
-                log_target=True,
-                reduction="batchmean",
-            ) * (T * T)
-            loss = (1.0 - w) * loss + w * kd
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise PruneError(f"Recovery diverged (loss {value} at step {step + 1}); lower the learning rate (now {rec.lr:g}).")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        opt.step()
-        sched.step()
-        losses.append(value)
-        running = value if running is None else 0.9 * running + 0.1 * value
-        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-    bar.close()
-    k = max(1, len(losses) // 10)
-    return {
-        "steps": rec.steps,
-        "loss_first": sum(losses[:k]) / k,
-        "loss_last": sum(losses[-k:]) / k,
-        "seconds": time.perf_counter() - t0,
-        "trainable_params": sum(p.numel() for p in params),
-    }
+            loss = (1.0 - w) * loss + w * kd_loss(logits, t_logits, rec.temperature)
+        return loss, None
+
+    res = train_loop(
+        model, opt, [(next(stream) for _ in range(rec.steps))], loss_fn, scheduler=sched, masks=full_masks,
+        clip=(params, MAX_GRAD_NORM), total=rec.steps, desc=f"recover {rec.method}", progress=progress,
+        diverged=lambda step, v: f"Recovery diverged (loss {v} at step {step}); lower the learning rate (now {rec.lr:g}).",
+    )
+    return res.summary(sum(p.numel() for p in params))

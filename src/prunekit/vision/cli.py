@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from prunekit.cli_options import Overwrite, Progress, out_option, recipe_option, seed_option, start
+
 from prunekit.errors import PruneError
 
 
@@ -38,7 +40,7 @@ def _read_recipe(path: Path) -> dict:
 
 def train_prune(
     model: Annotated[Optional[str], typer.Argument(help="cnn | resnet | vit | concat | efficientnet-lite0")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run directory (must not exist unless --overwrite)")] = None,
+    out: Annotated[Optional[Path], out_option("run directory (must not exist unless --overwrite)")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="fashion-mnist | synthetic")] = None,
     criterion: Annotated[Optional[str], typer.Option(help="weights: magnitude | random | snip | grasp | synflow | taylor; channels: also l1, lamp, bn-scale")] = None,
     method: Annotated[Optional[str], typer.Option(help="old spelling of --criterion (deprecated)", hidden=True)] = None,
@@ -51,7 +53,7 @@ def train_prune(
     finetune_epochs: Annotated[Optional[int], typer.Option(help="epochs after pruning (oneshot) or added to training")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="images per step")] = None,
     lr: Annotated[Optional[float], typer.Option(help="SGD learning rate (cosine decay per phase)")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed of initialization, data order and subset")] = None,
+    seed: Annotated[Optional[int], seed_option("seed of initialization, data order and subset")] = None,
     train_subset: Annotated[Optional[int], typer.Option(help="train on this many images (default all)")] = None,
     test_subset: Annotated[Optional[int], typer.Option(help="evaluate on this many test images (default all)")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="resize images (EfficientNet-Lite0: 64 by default)")] = None,
@@ -62,13 +64,14 @@ def train_prune(
     prune_every: Annotated[Optional[int], typer.Option(help="gradual: steps between mask updates")] = None,
     synflow_iterations: Annotated[Optional[int], typer.Option(help="SynFlow scoring rounds")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="fnmatch pattern of layers kept dense; repeatable")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML/JSON recipe file or bundled name (global-mp, gradual-cubic, lottery-ticket, synflow-at-init, precrop-snip, lite0-channels); flags override its fields")] = None,
+    recipe: Annotated[Optional[Path], recipe_option("YAML/JSON recipe file or bundled name (global-mp, gradual-cubic, lottery-ticket, synflow-at-init, precrop-snip, lite0-channels); flags override its fields")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 1,
-    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
-    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
 ) -> None:
     """Train a vision model while pruning it (masks or channels) and write a run directory with the model
     (safetensors + manifest) and its curves."""
+    start(progress)
     from prunekit.vision.train import make_config
 
     fields = _read_recipe(recipe) if recipe is not None else {}

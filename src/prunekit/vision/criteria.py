@@ -18,12 +18,14 @@ already masked are set to -inf so they are never chosen back.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit.core.gradients import gradient_pass
 from prunekit.core.masks import Masks, prunable
 from prunekit.core.registry import Registry
 from prunekit.errors import PruneError
@@ -70,10 +72,10 @@ def _restore(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
             b.copy_(snap[k])
 
 
-def _grads(model: nn.Module, names: list[str], batches, masks: Masks | None, square: bool = False):
-    """Sum over batches of the gradient (or of (g*w)^2 when ``square``) of the cross-entropy, model as given."""
+@contextmanager
+def _scoring(model: nn.Module, names: list[str], masks: Masks | None):
+    """Score the (masked) network in train mode, then put back its weights, BatchNorm statistics and mode."""
     params = dict(model.named_parameters())
-    acc = {k: torch.zeros_like(params[k], dtype=torch.float32) for k in names}
     was = model.training
     snap = _snapshot(model)
     model.train()
@@ -82,14 +84,7 @@ def _grads(model: nn.Module, names: list[str], batches, masks: Masks | None, squ
         saved = {k: params[k].detach().clone() for k in names}
         masks.apply(model)
     try:
-        for x, y in batches:
-            model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            for k in names:
-                g = params[k].grad
-                if g is None:
-                    continue
-                acc[k] += (g * params[k].detach()).float().pow(2) if square else g.float()
+        yield params
     finally:
         model.zero_grad(set_to_none=True)
         if saved is not None:
@@ -98,6 +93,18 @@ def _grads(model: nn.Module, names: list[str], batches, masks: Masks | None, squ
                     params[k].copy_(v)
         _restore(model, snap)
         model.train(was)
+
+
+def _grads(model: nn.Module, names: list[str], batches, masks: Masks | None, square: bool = False):
+    """Sum over batches of the gradient (or of (g*w)^2 when ``square``) of the cross-entropy, model as given."""
+    with _scoring(model, names, masks) as params:
+        acc = {k: torch.zeros_like(params[k], dtype=torch.float32) for k in names}
+
+        def add(i, p, g):
+            acc[names[i]] += (g * p.detach()).float().pow(2) if square else g.float()
+
+        gradient_pass(model, [params[k] for k in names], batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]), add,
+                      train=True)
     return acc
 
 
@@ -118,16 +125,8 @@ def grasp_scores(model, names, batches, masks=None, temperature: float = 200.0):
     g_const . grad(loss) (with graph) w.r.t. the weights."""
     names = list(names)
     batches = _need_batches(batches, "grasp")
-    params = dict(model.named_parameters())
-    ws = [params[k] for k in names]
-    was = model.training
-    snap = _snapshot(model)
-    model.train()
-    saved = None
-    if masks is not None:
-        saved = {k: params[k].detach().clone() for k in names}
-        masks.apply(model)
-    try:
+    with _scoring(model, names, masks) as params:
+        ws = [params[k] for k in names]
         g0 = [torch.zeros_like(w) for w in ws]
         for x, y in batches:
             gs = torch.autograd.grad(F.cross_entropy(model(x) / temperature, y), ws, allow_unused=True)
@@ -143,13 +142,6 @@ def grasp_scores(model, names, batches, masks=None, temperature: float = 200.0):
                 if h is not None:
                     a += h
         scores = {k: (w.detach() * h).float() for k, w, h in zip(names, ws, hg)}
-    finally:
-        if saved is not None:
-            with torch.no_grad():
-                for k, v in saved.items():
-                    params[k].copy_(v)
-        _restore(model, snap)
-        model.train(was)
     return _masked(scores, masks)
 
 

@@ -15,7 +15,7 @@ Schedules (``SCHEDULES``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence  # noqa: F401
 
 import torch
 from torch import nn
@@ -112,3 +112,118 @@ class Rewinder:
             raise PruneError("Nothing to rewind to: the early weights were never saved (rewind step beyond training?).")
         model.load_state_dict(self.state)
         masks.apply(model)
+
+
+# -- schedules as objects for any training loop ---------------------------------------------------------------
+
+
+
+def pruner(criterion: str = "magnitude", allocation: str = "global", *, min_density: float | None = None,
+           batches=None, input_shape: Sequence[int] | None = None, iterations: int = 100, seed: int = 0,
+           exclude: Sequence[str] = ()):
+    """``prune(model, sparsity, masks) -> Masks``: :func:`compute_masks` with these settings (what a schedule
+    calls each time it prunes)."""
+
+    def prune(model: nn.Module, sparsity: float, masks: Masks | None = None) -> Masks:
+        return compute_masks(model, sparsity, criterion, allocation, min_density, batches=batches, masks=masks,
+                             seed=seed, input_shape=input_shape, iterations=iterations, exclude=exclude)
+
+    return prune
+
+
+class Schedule:
+    """When to prune, as an object a training loop asks once per step, like an LR scheduler::
+
+        schedule = Gradual(pruner("magnitude"), final=0.9, start=100, end=1000, every=50)
+        for step, (x, y) in enumerate(batches):
+            new = schedule.on_step(step, model)
+            if new is not None:                  # masks changed: enforce the new ones from now on
+                if masks is not None:
+                    masks.detach()
+                masks = new.attach(model, optimizer)
+            ...  # forward, backward, optimizer.step()
+
+    ``on_step(step, model)`` returns new :class:`Masks` on the steps where the schedule prunes, else None;
+    ``masks`` holds the latest ones and ``log`` one row per pruning event.
+    """
+
+    def __init__(self, prune):
+        self.prune = prune
+        self.masks: Masks | None = None
+        self.log: list[dict] = []
+
+    def on_step(self, step: int, model: nn.Module) -> Masks | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _prune(self, step: int, model: nn.Module, sparsity: float, target: float | None = None) -> Masks:
+        self.masks = self.prune(model, sparsity, self.masks)
+        self.log.append({"step": step, "target": sparsity if target is None else target,
+                         "sparsity": self.masks.sparsity()})
+        return self.masks
+
+
+class OneShot(Schedule):
+    """Prune once to ``sparsity`` at step ``at`` (0: at initialization, SNIP / GraSP / SynFlow style)."""
+
+    def __init__(self, prune, sparsity: float, at: int = 0):
+        super().__init__(prune)
+        self.sparsity, self.at = check_sparsity(sparsity), at
+
+    def on_step(self, step: int, model: nn.Module) -> Masks | None:
+        return self._prune(step, model, self.sparsity) if step == self.at else None
+
+
+class Gradual(Schedule):
+    """Zhu & Gupta's cubic ramp from ``initial`` at step ``start`` to ``final`` at step ``end``, masks recomputed
+    every ``every`` steps (and at ``end``) from the surviving weights; no event when the target did not move."""
+
+    def __init__(self, prune, final: float, start: int, end: int, every: int = 100, initial: float = 0.0):
+        super().__init__(prune)
+        cubic_sparsity(start, start, end, final, initial, every)  # validates the arguments
+        self.final, self.start, self.end, self.every, self.initial = final, start, end, every, initial
+        self._last: float | None = None
+
+    def on_step(self, step: int, model: nn.Module) -> Masks | None:
+        if step < self.start or (step - self.start) % self.every and step != self.end or step > self.end:
+            return None
+        s = cubic_sparsity(step, self.start, self.end, self.final, self.initial, self.every) if step < self.end else self.final
+        if self._last is not None and abs(s - self._last) < 1e-12:
+            return None
+        self._last = s
+        return self._prune(step, model, s)
+
+
+class Lottery(Schedule):
+    """Iterative magnitude pruning with rewinding in one loop: the weights at step ``rewind_step`` are kept; at the
+    end of each round of ``round_steps`` steps the survivors are pruned to the round's target
+    (:func:`lottery_sparsities`) and rewound to those weights. ``next_round(model, step)`` does one round's
+    pruning + rewinding for a loop that restarts its optimizer per round (as ``prunekit train-prune`` does)."""
+
+    def __init__(self, prune, final: float | None = None, rounds: int = 1, round_steps: int | None = None,
+                 rewind_step: int = 0, targets: Sequence[float] | None = None):
+        super().__init__(prune)
+        if (final is None) == (targets is None):
+            raise PruneError("Give the lottery schedule either a final sparsity (with rounds) or its targets.")
+        self.targets = list(targets) if targets is not None else lottery_sparsities(final, rounds)
+        self.round_steps, self.rewind_step = round_steps, rewind_step
+        self.rewinder = Rewinder()
+        self.round = 0
+
+    def save_early(self, step: int, model: nn.Module) -> None:
+        if step == self.rewind_step and self.rewinder.state is None:
+            self.rewinder.save(model, step)
+
+    def next_round(self, model: nn.Module, step: int) -> Masks:
+        if self.rewinder.state is None:
+            raise PruneError(f"The rewind step {self.rewind_step} is beyond the dense training; lower rewind_step.")
+        target = self.targets[self.round]
+        self.round += 1
+        masks = self._prune(step, model, target)
+        self.rewinder.rewind(model, masks)
+        return masks
+
+    def on_step(self, step: int, model: nn.Module) -> Masks | None:
+        self.save_early(step, model)
+        if (self.round_steps and step > 0 and step % self.round_steps == 0 and self.round < len(self.targets)):
+            return self.next_round(model, step)
+        return None

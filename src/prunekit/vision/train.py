@@ -1,18 +1,16 @@
-"""Training with masks: data, the training loop, every schedule, and the run directory.
+"""Training-time pruning: the recipe (:class:`TrainPruneConfig`), training phases in the shared loop
+(:func:`train_epochs`), and :func:`train_prune`, which runs one recipe's phases with its schedule.
 
-The pieces (:func:`load_data`, :func:`train_epochs`, :func:`evaluate`, :func:`lottery`, ...) are public so a
-benchmark can share a dense model between methods; :func:`train_prune` runs one whole recipe, and
-:func:`save_run` / :func:`load_run` write and read a run directory (``model.safetensors`` + ``prunekit.json`` +
-``curves.json`` + ``curves.png``), atomically and without pickle.
+Data is in :mod:`prunekit.vision.data`, the schedules as objects for any loop in :mod:`prunekit.vision.schedules`,
+the run directory in :mod:`prunekit.vision.run`. The pieces (:func:`train_epochs`, :func:`evaluate`,
+:func:`lottery`, ...) are public so a benchmark can share a dense model between methods.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -25,12 +23,13 @@ from prunekit.errors import PruneError
 from prunekit.core.allocate import ALLOCATIONS
 from prunekit.vision.channels import CHANNEL_CRITERIA
 from prunekit.vision.criteria import CRITERIA
-from prunekit.core.masks import Masks, check_sparsity, prunable, weight_sparsity
+from prunekit.core.loop import make_optimizer, make_schedule, train_loop
+from prunekit.core.masks import Masks, prunable, weight_sparsity
 from prunekit.vision.models import VISION_MODELS, build_model
-from prunekit.vision.schedules import SCHEDULES, Rewinder, compute_masks, cubic_sparsity, lottery_sparsities
+from prunekit.vision.schedules import SCHEDULES, Gradual, Lottery, Rewinder, compute_masks, cubic_sparsity, lottery_sparsities  # noqa: F401
 
-DATASETS = ("fashion-mnist", "synthetic")
-FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+from prunekit.vision.data import DATASETS, FASHION_MEAN, FASHION_STD, batches_of, load_data  # noqa: F401
+from prunekit.vision.run import load_run, save_run  # noqa: F401
 
 
 class TrainPruneConfig(Config):
@@ -140,50 +139,6 @@ def make_config(**kw) -> TrainPruneConfig:
     return TrainPruneConfig.make(**{k: v for k, v in kw.items() if v is not None})
 
 
-# -- data ---------------------------------------------------------------------------------------------------
-
-def load_data(dataset: str = "fashion-mnist", train_subset: int | None = None, test_subset: int | None = None,
-              seed: int = 0, image_size: int | None = None, rgb: bool = False) -> dict:
-    """Normalized float tensors {x_train, y_train, x_test, y_test}; ``synthetic`` is a tiny learnable task for
-    tests (random images, labels from a fixed random linear map)."""
-    g = torch.Generator().manual_seed(seed)
-    if dataset == "fashion-mnist":
-        from prunekit.zoo.images import fashion_mnist
-
-        xtr, ytr = fashion_mnist("train")
-        xte, yte = fashion_mnist("test")
-        perm = torch.randperm(len(xtr), generator=g)
-        if train_subset:
-            perm = perm[:train_subset]
-        xtr, ytr = xtr[perm], ytr[perm]
-        if test_subset:
-            xte, yte = xte[:test_subset], yte[:test_subset]
-        xtr = ((xtr.float() / 255 - FASHION_MEAN) / FASHION_STD)[:, None]
-        xte = ((xte.float() / 255 - FASHION_MEAN) / FASHION_STD)[:, None]
-    elif dataset == "synthetic":
-        n_tr, n_te = train_subset or 512, test_subset or 256
-        protos = torch.randn(10, 1, 7, 7, generator=torch.Generator().manual_seed(1234))
-        protos = F.interpolate(protos, size=(28, 28), mode="bilinear", align_corners=False)
-        ytr = torch.randint(0, 10, (n_tr,), generator=g)
-        yte = torch.randint(0, 10, (n_te,), generator=g)
-        xtr = protos[ytr] + 0.8 * torch.randn(n_tr, 1, 28, 28, generator=g)
-        xte = protos[yte] + 0.8 * torch.randn(n_te, 1, 28, 28, generator=g)
-    else:
-        raise PruneError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
-    if image_size and image_size != xtr.shape[-1]:
-        xtr = F.interpolate(xtr, size=(image_size, image_size), mode="bilinear", align_corners=False)
-        xte = F.interpolate(xte, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    if rgb:
-        xtr, xte = xtr.expand(-1, 3, -1, -1).contiguous(), xte.expand(-1, 3, -1, -1).contiguous()
-    return {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte}
-
-
-def batches_of(data: dict, n: int, batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed + 7)
-    idx = torch.randperm(len(data["y_train"]), generator=g)[: n * batch_size]
-    return [(data["x_train"][i], data["y_train"][i]) for i in idx.split(batch_size)]
-
-
 # -- training -----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -197,67 +152,46 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / max(1, len(y))
 
 
-def _optimizer(model, cfg: TrainPruneConfig):
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=True)
-
-
 def train_epochs(model: nn.Module, data: dict, epochs: int, cfg: TrainPruneConfig, masks: Masks | None = None,
                  phase: str = "train", history: list | None = None, on_step=None, step0: int = 0,
                  total_steps: int | None = None, progress: bool = True, seed: int = 0) -> int:
-    """Train ``epochs`` epochs with SGD (Nesterov, cosine learning rate over the phase), masks enforced.
-    ``on_step(step) -> Masks | None`` may return new masks (gradual pruning); returns the last global step."""
-    from tqdm import tqdm
-
+    """Train ``epochs`` epochs in the shared loop (:func:`prunekit.core.loop.train_loop`): SGD with Nesterov
+    momentum, cosine learning rate over the phase, masks enforced. ``on_step(step) -> Masks | None`` may return new
+    masks (gradual pruning); returns the last global step. ``history`` gets one row per epoch."""
     x, y = data["x_train"], data["y_train"]
     n = len(y)
-    per_epoch = math.ceil(n / cfg.batch_size)
-    phase_steps = max(1, epochs * per_epoch)
-    opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, phase_steps) / phase_steps)))
-    if masks is not None:
-        masks.attach(model, opt)
+    phase_steps = max(1, epochs * math.ceil(n / cfg.batch_size))
+    opt = make_optimizer(model.parameters(), "sgd", cfg.lr, cfg.weight_decay, cfg.momentum)
+    sched = make_schedule(opt, "cosine", phase_steps)
     g = torch.Generator().manual_seed(seed * 1000 + step0)
-    step = step0
-    model.train()
-    bar = tqdm(total=phase_steps, desc=phase, disable=not progress, leave=False, dynamic_ncols=True)
-    try:
-        for ep in range(epochs):
-            perm = torch.randperm(n, generator=g)
-            tot_loss = tot_ok = seen = 0
-            for idx in perm.split(cfg.batch_size):
-                if on_step is not None:
-                    new = on_step(step)
-                    if new is not None:
-                        if masks is not None:
-                            masks.detach()
-                        masks = new
-                        masks.attach(model, opt)
-                xb, yb = x[idx], y[idx]
-                out = model(xb)
-                loss = F.cross_entropy(out, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                tot_loss += loss.item() * len(yb)
-                tot_ok += int((out.argmax(1) == yb).sum())
-                seen += len(yb)
-                sp = masks.sparsity() if masks is not None else 0.0
-                bar.update(1)
-                bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{tot_ok / seen:.3f}", sparsity=f"{sp:.3f}")
-            if history is not None:
-                history.append({"phase": phase, "epoch": ep + 1, "step": step, "loss": tot_loss / max(1, seen),
-                                "train_acc": tot_ok / max(1, seen),
-                                "test_acc": evaluate(model, data["x_test"], data["y_test"]),
-                                "sparsity": masks.sparsity() if masks is not None else 0.0})
-    finally:
-        bar.close()
-        if masks is not None:
-            masks.detach()
-            masks.apply(model)
-    return step
+    tally = {"loss": 0.0, "ok": 0, "seen": 0}
+
+    def epoch_batches():
+        for _ in range(epochs):
+            yield (idx for idx in torch.randperm(n, generator=g).split(cfg.batch_size))
+
+    def loss_fn(model, idx):
+        out = model(x[idx])
+        return F.cross_entropy(out, y[idx]), out
+
+    def after_step(step, epoch, idx, out, loss):
+        tally["loss"] += loss.item() * len(idx)
+        tally["ok"] += int((out.argmax(1) == y[idx]).sum())
+        tally["seen"] += len(idx)
+
+    def on_epoch(epoch, step, res):
+        seen = max(1, tally["seen"])
+        if history is not None:
+            history.append({"phase": phase, "epoch": epoch + 1, "step": step, "loss": tally["loss"] / seen,
+                            "train_acc": tally["ok"] / seen,
+                            "test_acc": evaluate(model, data["x_test"], data["y_test"]),
+                            "sparsity": res.masks.sparsity() if res.masks is not None else 0.0})
+        tally.update(loss=0.0, ok=0, seen=0)
+
+    res = train_loop(model, opt, epoch_batches(), loss_fn, scheduler=sched, masks=masks, on_step=on_step,
+                     after_step=after_step, on_epoch=on_epoch, step0=step0, total=phase_steps, desc=phase,
+                     progress=progress, postfix=lambda: {"acc": f"{tally['ok'] / max(1, tally['seen']):.3f}"})
+    return res.step
 
 
 @torch.no_grad()
@@ -309,29 +243,28 @@ def prune_once(model: nn.Module, data: dict, cfg: TrainPruneConfig, sparsity: fl
 def lottery(model: nn.Module, data: dict, cfg: TrainPruneConfig, targets: list[float], history: list | None = None,
             progress: bool = True, dense_trained: bool = False, rewinder: Rewinder | None = None,
             on_round=None) -> Masks:
-    """Iterative magnitude pruning with rewinding: (train,) then for each target: prune the survivors by the
-    recipe's criterion/allocation to ``target``, rewind them to the weights of iteration ``rewind_step``, train
-    ``epochs``. ``on_round(target, model, masks)`` is called after each round's training."""
-    if not dense_trained:
-        rewinder = Rewinder()
+    """Iterative magnitude pruning with rewinding (:class:`~prunekit.vision.schedules.Lottery`): (train,) then for
+    each target: prune the survivors by the recipe's criterion/allocation to ``target``, rewind them to the weights
+    of iteration ``rewind_step``, train ``epochs``. ``on_round(target, model, masks)`` is called after each round's
+    training."""
+    sched = Lottery(lambda m, sp, k: prune_once(m, data, cfg, sp, k), targets=targets, rewind_step=cfg.rewind_step)
+    if dense_trained:
+        sched.rewinder = rewinder or Rewinder()
+    else:
         if cfg.rewind_step == 0:
-            rewinder.save(model, 0)
+            sched.rewinder.save(model, 0)
 
         def save_early(step):
-            if step == cfg.rewind_step and rewinder.state is None:
-                rewinder.save(model, step)
+            sched.save_early(step, model)
             return None
 
         train_epochs(model, data, cfg.epochs, cfg, None, "dense", history, on_step=save_early, progress=progress,
                      seed=cfg.seed)
-    if rewinder is None or rewinder.state is None:
-        raise PruneError(f"The rewind step {cfg.rewind_step} is beyond the dense training; lower rewind_step.")
     masks = None
-    for r, target in enumerate(targets):
-        masks = prune_once(model, data, cfg, target, masks)
-        rewinder.rewind(model, masks)
+    for r, target in enumerate(sched.targets):
+        masks = sched.next_round(model, sched.rewinder.step if sched.rewinder.step is not None else 0)
         train_epochs(model, data, cfg.epochs, cfg, masks, f"round {r + 1} ({target:.1%})", history,
-                     step0=rewinder.step, progress=progress, seed=cfg.seed + r + 1)
+                     step0=sched.rewinder.step, progress=progress, seed=cfg.seed + r + 1)
         if on_round is not None:
             on_round(target, model, masks)
     return masks
@@ -417,23 +350,12 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
         per_epoch = math.ceil(len(data["y_train"]) / cfg.batch_size)
         total = (cfg.epochs + cfg.finetune_epochs) * per_epoch
         start, end = int(cfg.gradual_start * total), max(int(cfg.gradual_start * total) + 1, int(cfg.gradual_end * total))
-        state = {"masks": None, "last": None}
-        sparsities = []
-
-        def on_step(step):
-            if step < start or (step - start) % cfg.prune_every and step != end:
-                return None
-            s = cubic_sparsity(step, start, end, cfg.sparsity, 0.0, cfg.prune_every) if step < end else cfg.sparsity
-            if state["last"] is not None and abs(s - state["last"]) < 1e-12:
-                return None
-            state["last"] = s
-            state["masks"] = prune_once(model, data, cfg, s, state["masks"])
-            sparsities.append({"step": step, "target": s, "sparsity": state["masks"].sparsity()})
-            return state["masks"]
-
-        train_epochs(model, data, cfg.epochs + cfg.finetune_epochs, cfg, None, "gradual", hist, on_step=on_step,
-                     total_steps=total, progress=progress, seed=cfg.seed)
-        masks = state["masks"]
+        sched = Gradual(lambda m, sp, k: prune_once(m, data, cfg, sp, k), cfg.sparsity, start, end, cfg.prune_every)
+        train_epochs(model, data, cfg.epochs + cfg.finetune_epochs, cfg, None, "gradual", hist,
+                     on_step=lambda step: sched.on_step(step, model), total_steps=total, progress=progress,
+                     seed=cfg.seed)
+        masks = sched.masks
+        sparsities = sched.log
         info["gradual"] = {"start": start, "end": end, "every": cfg.prune_every, "steps": sparsities}
     elif cfg.schedule == "lottery":
         targets = lottery_sparsities(cfg.sparsity, cfg.rounds)
@@ -452,76 +374,3 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
                        "params": sum(p.numel() for p in model.parameters())}
     info["init_params"] = sum(v.numel() for k, v in init_state.items())
     return model, masks, info
-
-
-# -- run directory --------------------------------------------------------------------------------------------
-
-def save_run(out: str | Path, model: nn.Module, cfg: TrainPruneConfig, masks: Masks | None, info: dict,
-             overwrite: bool = False) -> Path:
-    """Write ``out`` atomically: model.safetensors (weights, and masks as uint8 ``mask::<name>`` tensors),
-    prunekit.json (recipe, metrics, tensor shapes for rebuilding), curves.json, curves.png."""
-    from safetensors.torch import save_file
-
-    from prunekit.io import atomic_dir, check_output, dumps
-
-    out = check_output(out, overwrite)
-    with atomic_dir(out) as tmp:
-        tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-        if masks is not None:
-            tensors.update(masks.state())
-        save_file(tensors, str(tmp / "model.safetensors"))
-        from prunekit.vision.channels import shapes_of
-
-        manifest = {"kind": "prunekit-vision", "recipe": cfg.model_dump(), "metrics": info.get("metrics"),
-                    "shapes": shapes_of(model), "channels": info.get("channels"),
-                    "versions": {"torch": torch.__version__}}
-        for k in ("dense_acc", "acc_after_prune", "rounds", "gradual", "precrop_ratios", "seconds"):
-            if k in info:
-                manifest[k] = info[k]
-        (tmp / "prunekit.json").write_text(dumps(manifest))
-        (tmp / "curves.json").write_text(dumps(info.get("history", [])))
-        _plot_curves(info.get("history", []), tmp / "curves.png", f"{cfg.model} {cfg.criterion}/{cfg.allocation} {cfg.schedule}")
-    return out
-
-
-def _plot_curves(history: list, path: Path, title: str) -> None:
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    xs = list(range(1, len(history) + 1))
-    ax[0].plot(xs, [h["test_acc"] for h in history], "o-", label="test accuracy")
-    ax[0].plot(xs, [h["train_acc"] for h in history], "s--", label="train accuracy")
-    ax[0].set_xlabel("epoch (all phases)")
-    ax[0].legend()
-    ax[1].plot(xs, [h["sparsity"] for h in history], "o-", color="C3")
-    ax[1].set_ylabel("sparsity")
-    ax[1].set_xlabel("epoch (all phases)")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def load_run(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, Masks | None, dict]:
-    """Rebuild a saved run: the zoo model named in the manifest (or ``model``, the same architecture a user
-    passed), resized to the saved shapes, weights loaded strictly; masks if saved."""
-    from safetensors.torch import load_file
-
-    from prunekit.vision.channels import rebuild
-
-    path = Path(path)
-    if not (path / "prunekit.json").is_file() or not (path / "model.safetensors").is_file():
-        raise PruneError(f"{path} is not a prunekit vision run (no prunekit.json / model.safetensors).")
-    manifest = json.loads((path / "prunekit.json").read_text())
-    if model is None:
-        model = build_model(manifest["recipe"]["model"], num_classes=10, pretrained=False)
-    rebuild(model, manifest["shapes"])
-    sd = load_file(str(path / "model.safetensors"))
-    masks = Masks.from_state(sd) if any(k.startswith("mask::") for k in sd) else None
-    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("mask::")}, strict=True)
-    return model.eval(), masks, manifest

@@ -53,6 +53,9 @@ class ScoreConfig(Config):
 
     @model_validator(mode="after")
     def _valid(self):
+        from prunekit.data.train import model_name
+
+        self.model = model_name(self.model)
         self.check()
         return self
 
@@ -69,7 +72,9 @@ class ScoreConfig(Config):
         _check_positive(self, "lr")
         from prunekit.data.embed import ENCODERS
 
-        _check_choice("model", self.model, ("auto", "cnn", "mlp", "linear"))
+        from prunekit.data.train import CHOICES
+
+        _check_choice("model", self.model, CHOICES)
         _check_choice("encoder", self.encoder, ENCODERS)
         _check_choice("grand-params", self.grand_params, ("all", "last"))
 

@@ -6,13 +6,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prunekit.data.train import TrainConfig, features, fit, predict
+from prunekit.data.train import TrainConfig, auto_model, features, fit, predict
 
 
 def model_kind(ds, cfg) -> str:
     if cfg.model != "auto":
         return cfg.model
-    return "cnn" if ds.kind == "image" else "mlp"
+    return auto_model(ds.kind)
 
 
 def train_cfg(ds, cfg, seed: int, epochs: int) -> TrainConfig:
