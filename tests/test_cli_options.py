@@ -70,3 +70,21 @@ def test_recover_reads_a_recipe_and_flags_override_it(tiny_dir, tmp_path):
     recipe.write_text("recovery:\n  stepz: 3\n")
     rc, _, err = invoke("recover", tmp_path / "p", "--recipe", recipe, "--out", tmp_path / "r2")
     assert rc == 2 and "stepz" in error_line(err)
+
+
+def test_data_train_overwrites_only_its_own_run_record(tmp_path):
+    import json
+
+    from tests.conftest import error_line
+
+    m = tmp_path / "m.json"
+    args = ["data", "train", "digits", "--model", "linear", "--steps", "2", "--out", m, "--quiet"]
+    assert invoke(*args)[0] == 0
+    assert json.loads(m.read_text())["kind"] == "data-train"
+    rc, _, err = invoke(*args)
+    assert rc == 2 and "--overwrite" in error_line(err)
+    assert invoke(*args, "--overwrite")[0] == 0
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text('{"kind": "something else"}')
+    rc, _, err = invoke(*args[:-3], "--out", theirs, "--overwrite")
+    assert rc == 2 and theirs.read_text() == '{"kind": "something else"}'

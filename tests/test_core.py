@@ -80,7 +80,7 @@ def test_allocator_equals_the_old_llm_paths(sparsity):
     numels = [scores[k].numel() for k in names]
     assert int(sum(numels) * sparsity) == sum(numels) - kept_total(sum(numels), sparsity)
     removed = lambda keep: [scores[k].numel() - keep[k] for k in names]  # noqa: E731
-    assert removed(keep_counts(scores, sparsity, "uniform")) == old.uniform(numels, sparsity)
+    assert removed(keep_counts(scores, sparsity, "uniform", slack="removed")) == old.uniform(numels, sparsity)
     for md in (0.0, 0.2):
         got = removed(keep_counts(scores, sparsity, "global", min_density=md))
         assert got == old.global_threshold([scores[k] for k in names], sparsity, md)
@@ -90,7 +90,7 @@ def test_allocator_equals_the_old_llm_paths(sparsity):
               for b in range(3) for k, shape in (("q", (32, 32)), ("up", (64, 32)))}
     groups = {name: int(name.split(".")[0]) for name in blocks}
     names_b = list(blocks)
-    keep = keep_counts(blocks, sparsity, "owl", groups=groups, owl_m=1.5, owl_lambda=0.1)
+    keep = keep_counts(blocks, sparsity, "owl", groups=groups, owl_m=1.5, owl_lambda=0.1, slack="removed")
     block_imp = [torch.cat([blocks[n].flatten() for n in names_b if groups[n] == b]) for b in range(3)]
     bs = old.owl_block_sparsity(block_imp, sparsity, 1.5, 0.1)
     expected = old.from_block_sparsity([blocks[n].numel() for n in names_b], [groups[n] for n in names_b], bs, sparsity)
@@ -107,6 +107,39 @@ def test_allocator_equals_the_old_vision_paths(kind, sparsity):
     for k in scores:
         assert int(now[k].sum()) == int(before[k].sum()), (kind, k)
         assert torch.equal(now[k], before[k]), (kind, k)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.625, 0.7])
+def test_llm_owl_equals_the_old_path_with_equal_sized_layers(sparsity):
+    """Decoder blocks have equal-sized layers (q/o, k/v, gate/up): equal remainders, where the LLM rule (the
+    removed total shared by removal targets, the earlier layer loses the extra weight) must stay as it was."""
+    g = torch.Generator().manual_seed(0)
+    shapes = (("q", (32, 32)), ("k", (8, 32)), ("v", (8, 32)), ("o", (32, 32)), ("gate", (48, 32)), ("up", (48, 32)))
+    blocks = {f"{b}.{k}": torch.rand(*s, generator=g) ** (1 + b % 4) for b in range(8) for k, s in shapes}
+    groups = {n: int(n.split(".")[0]) for n in blocks}
+    names = list(blocks)
+    n = sum(t.numel() for t in blocks.values())
+    assert int(n * sparsity) == n - kept_total(n, sparsity)  # the totals agree (else the rules differ on purpose)
+    keep = keep_counts(blocks, sparsity, "owl", groups=groups, owl_m=2.0, owl_lambda=0.08, slack="removed")
+    imp = [torch.cat([blocks[n].flatten() for n in names if groups[n] == b]) for b in range(8)]
+    bs = old.owl_block_sparsity(imp, sparsity, 2.0, 0.08)
+    expected = old.from_block_sparsity([blocks[n].numel() for n in names], [groups[n] for n in names], bs, sparsity)
+    assert [blocks[n].numel() - keep[n] for n in names] == expected
+    assert sum(keep.values()) == sum(t.numel() for t in blocks.values()) - sum(expected)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "erk"])
+@pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.98])
+def test_allocator_equals_the_old_vision_path_on_the_benchmark_cnn(kind, sparsity):
+    """SmallCNN width 8 (the vision benchmark's model): layer targets with fractional parts where rescaling the
+    rounded total to the layers (instead of rounding each layer's own target) moved one weight between layers."""
+    from prunekit.vision.models import SmallCNN
+
+    g = torch.Generator().manual_seed(0)
+    scores = {n: torch.rand(p.shape, generator=g) for n, p in SmallCNN(10, 8).named_parameters() if p.dim() > 1}
+    before = old.allocate(scores, sparsity, kind, None)
+    now = allocate_masks(scores, sparsity, kind)
+    assert [int(now[k].sum()) for k in scores] == [int(before[k].sum()) for k in scores]
 
 
 def test_every_kind_keeps_exactly_the_target():

@@ -63,7 +63,7 @@ def _allocate(recipe, model, adapter, per_block, flat, method, batches, device, 
         scores = _dense_importance(model, adapter, per_block, method, batches, recipe, device, progress)
     else:  # only the shapes matter
         scores = {name: weight_matrix(m) for name, m in flat}
-    keep = keep_counts(scores, s, a.kind, min_density=a.min_density, groups=groups, owl_m=a.owl_m,
+    keep = keep_counts(scores, s, a.kind, min_density=a.min_density, groups=groups, slack="removed", owl_m=a.owl_m,
                        owl_lambda=a.owl_lambda, per_group=a.per_layer)
     del scores
     return {name: weight_matrix(m).numel() - keep[name] for name, m in flat}

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from prunekit.core.masks import Masks, apportion, check_sparsity, keep_highest, kept_total
+from prunekit.core.masks import Masks, round_to_total, check_sparsity, keep_highest, kept_total
 from prunekit.core.registry import Registry
 from prunekit.errors import PruneError
 
@@ -127,12 +127,19 @@ def keep_counts(
     owl_lambda: float = 0.08,
     per_group: list[float] | None = None,
     power: float = 1.0,
+    slack: str = "kept",
 ) -> dict[str, int]:
     """``{layer: weights kept}`` at ``sparsity`` spread by ``kind`` (see the module doc).
 
     ``scores``: the criterion's importance per weight (only the shapes matter for uniform, erk and list).
     ``groups``: layer -> group index for owl and list (decoder block; default: every layer its own group).
+    ``slack``: where uniform / erk / owl put the one-weight rounding slack of the exact total: ``kept`` (round each
+    layer's kept target; vision) or ``removed`` (round each layer's removal target; LLM). The two differ
+    only by one weight in layers whose targets have equal or near-equal fractional parts; each family keeps the
+    rule its published figures were made with.
     """
+    if slack not in ("kept", "removed"):
+        raise ValueError(f"slack must be 'kept' or 'removed', not {slack!r}")
     check_sparsity(sparsity)
     kind = ALLOCATIONS.canonical(kind)
     if not 0.0 <= min_density <= 1.0:
@@ -143,10 +150,16 @@ def keep_counts(
     groups = groups if groups is not None else {k: i for i, k in enumerate(names)}
 
     def exact(densities: dict[str, float], target: int) -> dict[str, int]:
-        # largest remainder on the removed side: among equal remainders the earlier layer loses the extra weight
-        removed = apportion(sum(sizes.values()) - target, [sizes[k] * (1 - densities[k]) for k in names],
-                            [sizes[k] for k in names])
-        return {k: sizes[k] - r for k, r in zip(names, removed)}
+        if slack == "removed":
+            # the LLM convention: each layer's removal target rounded, the slack to the largest fractional parts
+            # of the removal targets (ties: the earlier layer loses the extra weight)
+            removed = round_to_total([sizes[k] * (1 - densities[k]) for k in names], sum(sizes.values()) - target,
+                                     [sizes[k] for k in names])
+            return {k: sizes[k] - r for k, r in zip(names, removed)}
+        # the vision convention: each layer as near its own kept target as integers allow; only the total's
+        # rounding slack moves (to the largest fractional parts; ties: the earlier layer keeps the extra weight)
+        kept = round_to_total([densities[k] * sizes[k] for k in names], target, [sizes[k] for k in names])
+        return dict(zip(names, kept))
 
     if kind == "uniform":
         return exact({k: 1.0 - sparsity for k in names}, total)

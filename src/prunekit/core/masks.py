@@ -27,10 +27,41 @@ PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 # -- exact rounding ----------------------------------------------------------------------------------------
 
+def round_to_total(targets: Sequence[float], total: int, caps: Sequence[int] | None = None) -> list[int]:
+    """Integers near the real ``targets`` (each in [0, cap]) that add up to exactly ``total``: each target rounded
+    down, then the slack goes one by one to the largest fractional parts (ties: the earlier index), or is taken
+    from the smallest (per-layer counts of every allocation)."""
+    n = len(targets)
+    caps = [int(c) for c in caps] if caps is not None else [int(total)] * n
+    out = [max(0, min(int(math.floor(t)), c)) for t, c in zip(targets, caps)]
+    left = int(total) - sum(out)
+    order = sorted(range(n), key=lambda i: targets[i] - math.floor(targets[i]), reverse=True)
+    while left > 0:
+        moved = False
+        for i in order:
+            if left and out[i] < caps[i]:
+                out[i] += 1
+                left -= 1
+                moved = True
+        if not moved:
+            break
+    while left < 0:
+        moved = False
+        for i in reversed(order):
+            if left and out[i] > 0:
+                out[i] -= 1
+                left += 1
+                moved = True
+        if not moved:
+            break
+    return out
+
+
 def apportion(total: int, weights: Sequence[float], caps: Sequence[int] | None = None) -> list[int]:
     """Integer shares proportional to ``weights`` that add up to exactly ``total`` (largest remainder), none
     above its cap; what a capped share cannot take is handed on to the others, proportionally. Ties go to the
-    earlier index. (The one rounding helper: layer counts, column blocks, class and cluster quotas.)"""
+    earlier index. (Proportional shares of a total: column blocks, class and cluster quotas; per-layer counts
+    round their own targets with :func:`round_to_total`.)"""
     n = len(weights)
     caps = [int(c) for c in caps] if caps is not None else [int(total)] * n
     total = int(min(total, sum(caps)))
