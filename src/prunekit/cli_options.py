@@ -5,8 +5,7 @@ a user's mistake anywhere is one sentence and exit 2 (``cli.main``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,9 +28,6 @@ def seed_option(help: str):
 
 def recipe_option(help: str = RECIPE_HELP):
     return typer.Option(help=help)
-
-
-RecipeFile = Annotated[Optional[Path], recipe_option()]
 
 
 def start(progress: bool, hf: bool = False) -> None:

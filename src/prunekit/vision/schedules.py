@@ -15,7 +15,7 @@ Schedules (``SCHEDULES``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence  # noqa: F401
+from collections.abc import Sequence
 
 import torch
 from torch import nn
