@@ -8,6 +8,12 @@ through the blocks: the check that matters is that both pruned models are equall
 Needs a CUDA device.
 
     python benchmarks/device_check.py            # on a GPU machine, with src/ on PYTHONPATH
+    python benchmarks/device_check.py --stream   # also: a large bf16 checkpoint streamed block by block on the GPU
+
+``--stream`` writes a Llama of 7B-class block shapes (hidden 4096, intermediate 11008, GQA 32/8 heads; 8 layers
+by default, ``--layers``) in bf16 to a temporary directory and prunes it with ``prunekit.prune_checkpoint`` on the
+CPU and with one block at a time on the GPU: seconds, peak GPU memory (one block + activations expected), the
+share of mask entries that agree.
 """
 
 from __future__ import annotations
@@ -61,5 +67,51 @@ def main() -> None:
                   f"{to_dense[0]:13.3f} {to_dense[1]:13.3f}", flush=True)
 
 
+def stream_check(layers: int) -> None:
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from llm_scale import SHAPES, make_checkpoint
+
+    shape = {**SHAPES["7b"], "num_hidden_layers": layers}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "ckpt"
+        make_checkpoint(src, shape)
+        ids = torch.randint(0, 256, (16, 512), generator=torch.Generator().manual_seed(0))
+        print(f"streamed: {layers} layers of 7B-class shapes in bf16, {ids.shape[0]} x {ids.shape[1]} calibration tokens")
+        print(f"{'method':<10} {'cpu s':>7} {'gpu s':>7} {'gpu peak GiB':>13} {'mask agree':>11}")
+        for method in ("wanda", "sparsegpt"):
+            outs, secs = {}, {}
+            for dev in ("cpu", "cuda"):
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                prunekit.prune_checkpoint(src, Path(tmp) / f"{method}-{dev}", {"method": method, "sparsity": 0.5}, ids,
+                                          device=dev, progress=False)
+                torch.cuda.synchronize()
+                secs[dev] = time.perf_counter() - t0
+                outs[dev] = {}
+                for f in (Path(tmp) / f"{method}-{dev}").glob("*.safetensors"):
+                    outs[dev].update(load_file(str(f)))
+            agree = total = 0
+            for k, v in outs["cpu"].items():
+                if k.endswith("proj.weight"):
+                    agree += int(((v == 0) == (outs["cuda"][k] == 0)).sum())
+                    total += v.numel()
+            print(f"{method:<10} {secs['cpu']:7.1f} {secs['cuda']:7.1f} {torch.cuda.max_memory_allocated() / 2**30:13.2f} "
+                  f"{agree / total:11.6f}", flush=True)
+
+
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--layers", type=int, default=8)
+    a = ap.parse_args()
     main()
+    if a.stream:
+        stream_check(a.layers)

@@ -23,6 +23,7 @@ _EXPORTS = {
     "load_model": "prunekit.zoo",
     "load_text": "prunekit.zoo",
     "prune": "prunekit.api",
+    "prune_checkpoint": "prunekit.stream",
     "recover": "prunekit.train",
     "save": "prunekit.io",
     "tokenize": "prunekit.batches",

@@ -11,7 +11,7 @@ from prunekit.arch import adapter_for, target_layers, untargeted_weights
 from prunekit.batches import starts_with_bos
 from prunekit.calibrate import run_sequential
 from prunekit.checks import check_device, check_finite
-from prunekit.core.allocate import keep_counts
+from prunekit.core.allocate import keep_counts, owl_ratio
 from prunekit.errors import PruneError
 from prunekit.evaluate import agreement, greedy, layer_sparsity, perplexity, prompts_from, score_windows, size_summary
 from prunekit.linear import in_features, weight_matrix
@@ -35,36 +35,67 @@ def _check_targets(per_block: list[list[tuple[str, nn.Module]]], recipe: Recipe)
     return flat
 
 
-def _dense_importance(model, adapter, per_block, method, batches, recipe, device, progress) -> dict[str, torch.Tensor]:
-    """The criterion's importance of every target weight, from the dense model (one forward pass)."""
-    if method.statistic is None:
+def _dense_importance(model, adapter, per_block, method, batches, recipe, device, progress, stream=None,
+                      reduce=None) -> dict[str, torch.Tensor]:
+    """The criterion's importance of every target weight, from the dense model (one forward pass).
+
+    ``reduce(block_scores) -> summary``: keep only a summary per block (OWL's outlier ratio), so a streamed model's
+    scores never all sit in memory; the result is then ``{block index: summary}``."""
+    if method.statistic is None and stream is None:
         return {name: method.importance(weight_matrix(m), None, name) for block in per_block for name, m in block}
-    out: dict[str, torch.Tensor] = {}
+    out: dict = {}
+    pending: dict[str, torch.Tensor] = {}
 
-    def record(_bi, group, stat):
+    def record(bi, group, stat):
         for name, m in group:
-            out[name] = method.importance(weight_matrix(m), stat, name)
+            pending[name] = method.importance(weight_matrix(m), stat, name)
+        if all(n in pending for n, _ in per_block[bi]):  # the block is complete (in the order its groups came)
+            block = dict(pending)
+            pending.clear()
+            if reduce is not None:
+                out[bi] = reduce(block)
+            else:
+                out.update(block)
 
+    if method.statistic is None:  # data-free, streamed: read each block, score it
+        reader = stream.reader()
+        for bi, block in enumerate(per_block):
+            reader.load(bi)
+            record(bi, block, None)
+            reader.free(bi)
+        return out
     run_sequential(
         model, adapter.blocks(model), per_block, batches, "sqnorm", record,
         batch_size=recipe.calibration.batch_size, device=device, progress=progress,
-        desc="allocation statistics", propagate=False,
+        desc="allocation statistics", propagate=False, stream=None if stream is None else stream.reader(),
     )
     return out
 
 
-def _allocate(recipe, model, adapter, per_block, flat, method, batches, device, progress) -> dict[str, int] | None:
-    """Exact number of weights each target layer loses (None for N:M), from the shared allocator."""
+def _allocate(recipe, model, adapter, per_block, flat, method, batches, device, progress, stream=None) -> dict[str, int] | None:
+    """Exact number of weights each target layer loses (None for N:M), from the shared allocator.
+
+    Streamed (``stream``), OWL keeps one outlier ratio per block, never all scores; global and LAMP rank all
+    scores at once, which must fit in memory (checked)."""
     if recipe.nm is not None:
         return None
     a, s = recipe.allocation, recipe.sparsity
     groups = {name: bi for bi, block in enumerate(per_block) for name, _ in block}
-    if a.kind in ("global", "owl", "lamp"):
-        scores = _dense_importance(model, adapter, per_block, method, batches, recipe, device, progress)
+    ratios = None
+    if a.kind == "owl" and stream is not None:
+        ratios = _dense_importance(model, adapter, per_block, method, batches, recipe, device, progress, stream,
+                                   reduce=lambda block: owl_ratio(torch.cat([v.flatten() for v in block.values()]), a.owl_m))
+        scores = {name: weight_matrix(m) for name, m in flat}  # meta tensors: only the shapes
+    elif a.kind in ("global", "owl", "lamp"):
+        if stream is not None:
+            from prunekit.stream import check_scores_fit
+
+            check_scores_fit(sum(weight_matrix(m).numel() for _, m in flat), a.kind)
+        scores = _dense_importance(model, adapter, per_block, method, batches, recipe, device, progress, stream)
     else:  # only the shapes matter
         scores = {name: weight_matrix(m) for name, m in flat}
     keep = keep_counts(scores, s, a.kind, min_density=a.min_density, groups=groups, slack="removed", owl_m=a.owl_m,
-                       owl_lambda=a.owl_lambda, per_group=a.per_layer)
+                       owl_lambda=a.owl_lambda, per_group=a.per_layer, owl_ratios=ratios)
     del scores
     return {name: weight_matrix(m).numel() - keep[name] for name, m in flat}
 
@@ -172,7 +203,9 @@ def prune(
     return model, report
 
 
-def _prune_only(model, recipe: Recipe, calibration_batches, device, progress) -> tuple[nn.Module, Report]:
+def _prune_only(model, recipe: Recipe, calibration_batches, device, progress, stream=None) -> tuple[nn.Module, Report]:
+    """Prune in place; ``stream`` (:class:`prunekit.stream.BlockStream`): ``model`` is a skeleton whose blocks
+    are read from disk, pruned and written one at a time (the same selection, bit for bit)."""
     if recipe.structure is not None:  # heads / MLP channels / layers removed for real (prunekit.structure)
         from prunekit.structure import prune_structured
 
@@ -193,18 +226,34 @@ def _prune_only(model, recipe: Recipe, calibration_batches, device, progress) ->
     times: dict[str, float] = {}
     t_all = time.perf_counter()
     t0 = time.perf_counter()
-    method.prepare(model, calibration_batches, flat, progress)
+    if stream is None:
+        method.prepare(model, calibration_batches, flat, progress)
     if time.perf_counter() - t0 > 1e-3:
         times["prepare_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    counts = _allocate(recipe, model, adapter, per_block, flat, method, calibration_batches, device, progress)
+    if stream is not None and "counts" in stream.state:  # resumed: the allocation of the interrupted run
+        counts = stream.state["counts"]
+    else:
+        counts = _allocate(recipe, model, adapter, per_block, flat, method, calibration_batches, device, progress, stream)
+        if stream is not None:
+            stream.save_counts(counts)
     if recipe.allocation.kind != "uniform":
         times["allocate_s"] = time.perf_counter() - t0
 
     def count_list(group):
         return None if counts is None else [counts[n] for n, _ in group]
 
-    if method.statistic is None:
+    if method.statistic is None and stream is not None:
+        from prunekit.core.progress import bar
+
+        with torch.no_grad():
+            for bi in bar(range(stream.first, len(per_block)), desc=f"{recipe.method} {recipe.pattern}", unit="block",
+                          enabled=progress):
+                stream.load(bi)
+                for name, m in per_block[bi]:
+                    method.prune_group([weight_matrix(m)], None, count_list([(name, m)]), recipe.nm, [name])
+                stream.done(bi, None)
+    elif method.statistic is None:
         with torch.no_grad():
             for name, m in flat:
                 method.prune_group([weight_matrix(m)], None, count_list([(name, m)]), recipe.nm, [name])
@@ -227,12 +276,17 @@ def _prune_only(model, recipe: Recipe, calibration_batches, device, progress) ->
             progress=progress,
             desc=f"{recipe.method} {recipe.pattern}",
             propagate=recipe.calibration.mode == "sequential",
+            stream=stream,
         )
         times.update({f"prune_{k}": v for k, v in phase.items()})
     times["prune_s"] = time.perf_counter() - t_all
 
-    layers = layer_sparsity(flat)
-    report = Report(recipe=recipe.model_dump(), layers=layers, summary=size_summary(model, flat), times=times)
+    if stream is None:
+        layers, summary = layer_sparsity(flat), size_summary(model, flat)
+    else:
+        rows = stream.state["rows"]
+        layers, summary = {n: rows[n] for n, _ in flat}, stream.size_summary()
+    report = Report(recipe=recipe.model_dump(), layers=layers, summary=summary, times=times)
     report.summary["block_sparsity"] = [
         sum(layers[n]["zeros"] for n, _ in block) / max(1, sum(layers[n]["params"] for n, _ in block))
         for block in per_block

@@ -85,17 +85,23 @@ def _passthrough(out) -> Callable[[torch.Tensor], object]:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device) -> BlockInputs:
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device,
+                   stream=None) -> BlockInputs:
     """Run the model's own forward on every chunk with each block replaced by a recorder.
 
     Block 0's hidden input is kept, and for every block the other arguments exactly as the model passes them.
     The blocks themselves do not run (the forward stops after the last block's call), except once per block
     class on the first chunk, directly through ``forward`` (its own hooks do not fire), to learn what a block
     returns so the recorder can hand the model the same shape.
+
+    ``stream`` (a :class:`prunekit.stream.BlockStream`): the blocks' weights live on disk; that one block is
+    loaded for its shape probe and freed again, and the hidden inputs go to ``stream.hidden_store()``.
     """
     device = torch.device(device)
     n = len(blocks)
     captured = BlockInputs(args=[[] for _ in range(n)], kwargs=[[] for _ in range(n)])
+    if stream is not None:
+        captured.hidden = stream.hidden_store()
     passthrough: dict[type, Callable] = {}
 
     def make(bi: int, block: nn.Module) -> Callable:
@@ -109,16 +115,22 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
                 raise _StopForward  # nothing after the last block is needed
             fn = passthrough.get(type(block))
             if fn is None:
+                if stream is not None:
+                    stream.load(bi)
                 if device.type != "cpu":
                     block.to(device)
                 fn = passthrough[type(block)] = _passthrough(block.forward(hidden, *rest, **kw))
                 if device.type != "cpu":
                     block.to("cpu")
+                if stream is not None:
+                    stream.free(bi)
             return fn(hidden)
 
         return record
 
     originals = list(blocks)
+    if stream is not None:
+        stream.load_outside()
     try:
         for bi, block in enumerate(originals):
             blocks[bi] = _Recorder(block, make(bi, block))
@@ -130,6 +142,8 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
     finally:
         for bi, block in enumerate(originals):
             blocks[bi] = block
+        if stream is not None:
+            stream.free_outside()
     chunks = len(captured.hidden)
     missing = [bi for bi in range(n) if len(captured.kwargs[bi]) != chunks]
     if missing:
@@ -169,11 +183,16 @@ def run_sequential(
     progress: bool = True,
     desc: str = "pruning",
     propagate: bool = True,
+    stream=None,
 ) -> dict[str, float]:
     """Run the engine; ``on_group(block_index, [(name, module), ...], statistic_tensor)`` prunes one group.
 
     ``propagate=False`` is the one-pass mode: every block sees the dense model's activations (one forward
     pass per block instead of two), and ``on_group`` may also just record statistics.
+
+    ``stream`` (a :class:`prunekit.stream.BlockStream`): the model is a skeleton whose blocks live on disk;
+    each block is loaded before its turn and handed to ``stream.done`` after it (which writes and frees it);
+    ``stream.resume`` may restore the activations of a finished block and say where to continue.
 
     Returns wall seconds spent in forward passes (``forward_s``) and in ``on_group`` (``solve_s``).
     """
@@ -181,17 +200,22 @@ def run_sequential(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    if device.type != "cpu":
+    if device.type != "cpu" and stream is None:  # streamed: the stream puts what the capture needs on the device
         _move_outside_blocks(model, blocks, device)
 
     times = {"forward_s": 0.0, "solve_s": 0.0}
     t0 = time.perf_counter()
-    inputs = capture_inputs(model, blocks, input_ids, batch_size, device)
+    inputs = capture_inputs(model, blocks, input_ids, batch_size, device, stream=stream)
     times["forward_s"] += time.perf_counter() - t0
     stat_cls = STATS[statistic]
+    first = 0 if stream is None else stream.resume(inputs)
 
-    bar = progress_bar(range(len(blocks)), desc=desc, unit="block", enabled=progress)
+    bar = progress_bar(range(first, len(blocks)), desc=desc, unit="block", enabled=progress)
     for bi in bar:
+        if stream is not None:
+            t0 = time.perf_counter()
+            stream.load(bi)
+            times["io_s"] = times.get("io_s", 0.0) + time.perf_counter() - t0
         block = blocks[bi].to(device)
         group_of: dict[str, int] = {}
         members: dict[int, list[tuple[str, nn.Module]]] = {}
@@ -229,7 +253,7 @@ def run_sequential(
         handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in targets[bi]]
         t0 = time.perf_counter()
         try:
-            dense_out = []
+            dense_out = [] if stream is None or propagate else stream.hidden_store()
             for i in range(len(inputs.hidden)):
                 try:
                     out = _call_block(block, inputs, bi, i)
@@ -261,9 +285,13 @@ def run_sequential(
         times["forward_s"] += time.perf_counter() - t0
         if device.type != "cpu":
             blocks[bi].to("cpu")
+        if stream is not None:
+            t0 = time.perf_counter()
+            stream.done(bi, inputs.hidden)
+            times["io_s"] += time.perf_counter() - t0
         bar.set_postfix(forward=f"{times['forward_s']:.1f}s", solve=f"{times['solve_s']:.1f}s")
     bar.close()
-    if device.type != "cpu":
+    if device.type != "cpu" and stream is None:
         _move_outside_blocks(model, blocks, torch.device("cpu"))
     model.train(was_training)
     return times

@@ -94,6 +94,10 @@ def prune(
     remove_layers: Annotated[Optional[int], typer.Option(help="structured: remove this many whole layers, lowest block influence first")] = None,
     remove_sublayers: Annotated[Optional[int], typer.Option(help="structured: remove this many attention / MLP sublayers")] = None,
     sublayer_method: Annotated[Optional[str], typer.Option(help="structured: influence (one pass, default) | greedy (FinerCut, slower)")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="stream the checkpoint from disk one block at a time (models larger than RAM); the stored dtype is kept")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="with --stream: continue the interrupted run whose checkpoint sits beside --out (or start one)")] = False,
+    offload_dir: Annotated[Optional[Path], typer.Option(help="with --stream: keep the calibration activations in files here instead of memory")] = None,
+    out_format: Annotated[str, typer.Option("--format", help="with --stream: safetensors (dense, default; vLLM loads it) | compressed-tensors (bitmask / 2:4 sparse, smaller on disk)")] = "safetensors",
 ) -> None:
     """Prune MODEL and save it to --out (loads with stock transformers).
 
@@ -160,6 +164,13 @@ def prune(
     if st:
         fields["structure"] = st
     rec = Recipe.make(**fields)
+    if not stream and (resume or offload_dir is not None or out_format != "safetensors"):
+        flag = "--resume" if resume else "--offload-dir" if offload_dir is not None else "--format"
+        raise PruneError(f"{flag} works with --stream (the model read from disk block by block); add --stream.")
+    if stream:
+        _prune_streamed(model, out, rec, resume=resume, offload_dir=offload_dir, fmt=out_format, overwrite=overwrite,
+                        device=device, progress=progress)
+        return
     if eval_windows <= 0:
         raise PruneError(f"--eval-windows must be positive, got {eval_windows}.")
     if generations < 0:
@@ -239,6 +250,26 @@ def prune(
               f"transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
     else:
         print(f"saved {out}  (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
+
+
+def _prune_streamed(model, out, rec, *, resume, offload_dir, fmt, overwrite, device, progress) -> None:
+    from prunekit.stream import prune_checkpoint
+
+    _say(f"streaming {model} block by block: {rec.method} ({rec.pattern}, sparsity {rec.sparsity:g}, allocation "
+         f"{rec.allocation.kind}){', resuming' if resume else ''} ...")
+    rep = prune_checkpoint(model, out, rec, resume=resume, offload_dir=offload_dir, format=fmt, overwrite=overwrite,
+                           device=device, progress=progress)
+    for line in rep.lines():
+        print(line)
+    st = rep.summary["stream"]
+    print(f"on disk {rep.summary['disk_bytes'] / 2**20:,.1f} MiB ({fmt}, stored dtype {st['stored_dtype']})"
+          + (f"; resumed after block {st['resumed_at_block'] - 1}" if st.get("resumed_at_block") else ""))
+    if fmt == "compressed-tensors":
+        print(f"saved {out}  (compressed-tensors sparse layout; load with prunekit.load('{out}'); see docs for which "
+              "serving stacks read it)")
+    else:
+        print(f"saved {out}  (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'); evaluate with "
+              f"prunekit eval {out})")
 
 
 def _structure_words(st) -> str:
@@ -352,7 +383,7 @@ def recover(
     from prunekit.checks import check_seqlen
     from prunekit.train import make_recovery, pruning_masks
     from prunekit.train import recover as run_recovery
-    from prunekit.zoo import load_model, load_text
+    from prunekit.zoo import load_text
 
     # typer turns Ctrl-C into a returned 130 that `app(standalone_mode=False)` drops; exit 130 here instead
     try:

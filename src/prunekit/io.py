@@ -333,4 +333,8 @@ def load_any(name_or_path: str | Path, trust_remote_code: bool = False):
         check_model_dir(where, trust_remote_code)
         if is_structured_dir(where):
             return load_structured(where)
+        from prunekit.stream.export import is_sparse_compressed, load_compressed
+
+        if is_sparse_compressed(json.loads((Path(where) / "config.json").read_text())):
+            return load_compressed(where)
     return load_model(str(name_or_path), trust_remote_code=trust_remote_code)

@@ -75,17 +75,23 @@ def lamp_scores(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def owl_group_sparsity(group_scores: list[torch.Tensor], sparsity: float, m: float, lam: float) -> list[float]:
+def owl_ratio(scores: torch.Tensor, m: float) -> float:
+    """OWL's outlier ratio of one group: the share of its scores above ``m`` x their mean."""
+    flat = scores.float()
+    return float((flat > m * flat.mean()).sum()) / flat.numel()
+
+
+def owl_group_sparsity(group_scores: list[torch.Tensor] | None, sparsity: float, m: float, lam: float,
+                       ratios: list[float] | None = None) -> list[float]:
     """OWL: outlier ratio D_g = share of scores above ``m`` x mean in group g; densities are D rescaled to
-    [0, 2 lam], shifted to mean 1 - s: more outliers, more weights kept."""
+    [0, 2 lam], shifted to mean 1 - s: more outliers, more weights kept. ``ratios``: the D_g already computed
+    (:func:`owl_ratio`, e.g. block by block from disk) instead of ``group_scores``."""
     if not m > 0:
         raise PruneError(f"OWL's outlier multiple M must be positive (typical: 3 to 10), got {m}.")
     if not 0 <= lam < 0.5:
         raise PruneError(f"OWL's lambda must be in [0, 0.5) (typical: 0.02 to 0.2), got {lam}.")
-    ratios = []
-    for scores in group_scores:
-        flat = scores.float()
-        ratios.append(float((flat > m * flat.mean()).sum()) / flat.numel())
+    if ratios is None:
+        ratios = [owl_ratio(scores, m) for scores in group_scores]
     r = torch.tensor(ratios, dtype=torch.float64)
     if float(r.max() - r.min()) == 0.0:
         return [sparsity] * len(ratios)
@@ -128,11 +134,14 @@ def keep_counts(
     per_group: list[float] | None = None,
     power: float = 1.0,
     slack: str = "kept",
+    owl_ratios: dict[int, float] | None = None,
 ) -> dict[str, int]:
     """``{layer: weights kept}`` at ``sparsity`` spread by ``kind`` (see the module doc).
 
     ``scores``: the criterion's importance per weight (only the shapes matter for uniform, erk and list).
     ``groups``: layer -> group index for owl and list (decoder block; default: every layer its own group).
+    ``owl_ratios``: owl's per-group outlier ratios already computed (``{group: ratio}``); ``scores`` then only
+    give the shapes.
     ``slack``: where uniform / erk / owl put the one-weight rounding slack of the exact total: ``kept`` (round each
     layer's kept target; vision) or ``removed`` (round each layer's removal target; LLM). The two differ
     only by one weight in layers whose targets have equal or near-equal fractional parts; each family keeps the
@@ -176,8 +185,11 @@ def keep_counts(
         return {k: kept_total(sizes[k], per_group[groups[k]]) for k in names}
     if kind == "owl":
         order = sorted(set(groups.values()))
-        group_scores = [torch.cat([scores[k].flatten() for k in names if groups[k] == g]) for g in order]
-        gs = dict(zip(order, owl_group_sparsity(group_scores, sparsity, owl_m, owl_lambda)))
+        if owl_ratios is not None:
+            gs = dict(zip(order, owl_group_sparsity(None, sparsity, owl_m, owl_lambda, [owl_ratios[g] for g in order])))
+        else:
+            group_scores = [torch.cat([scores[k].flatten() for k in names if groups[k] == g]) for g in order]
+            gs = dict(zip(order, owl_group_sparsity(group_scores, sparsity, owl_m, owl_lambda)))
         return exact({k: 1.0 - gs[groups[k]] for k in names}, total)
     # global and lamp: one ranking over all layers, after the per-layer floor
     if min_density > 1.0 - sparsity + 1e-12:
