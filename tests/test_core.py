@@ -276,3 +276,19 @@ def test_registries_give_the_choices():
             reg.canonical("no-such-thing")
     with pytest.raises(PruneError, match="Unknown method 'x'; choose one of: magnitude, wanda, sparsegpt, gblm"):
         prunekit.Recipe.make(method="x")
+
+
+@pytest.mark.parametrize("keep", [0, 1, 37, 500, 1199])
+def test_row_selection_in_chunks_equals_one_pass(monkeypatch, keep):
+    """keep_per_row / keep_n_of_m sort a few rows at a time (bounded memory); the masks equal one whole sort,
+    ties and the uneven first rows included."""
+    from prunekit.core import masks as M
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (30, 40), generator=g).float()  # many ties
+    monkeypatch.setattr(M, "_CHUNK", 1 << 30)
+    whole, nm = M.keep_per_row(scores, keep), M.keep_n_of_m(scores, 2, 4)
+    monkeypatch.setattr(M, "_CHUNK", 7 * 40)  # 7 rows per chunk: the last chunk is short
+    assert torch.equal(M.keep_per_row(scores, keep), whole)
+    assert torch.equal(M.keep_n_of_m(scores, 2, 4), nm)
+    assert int(whole.sum()) == keep

@@ -109,19 +109,33 @@ def keep_highest(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return (~removed).view(scores.shape)
 
 
+_CHUNK = 1 << 22  # rows are independent: select over row chunks of about this many entries (bounded memory)
+
+
+def _row_chunks(rows: int, cols: int) -> tuple[range, int]:
+    step = max(1, _CHUNK // max(1, cols))
+    return range(0, rows, step), step
+
+
 def keep_per_row(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Keep ``keep`` weights of an ``[out, in]`` matrix with the removals spread evenly over the rows (Wanda's
     comparison group): every row loses ``removed // rows`` of its lowest scores, the first ``removed % rows`` rows
-    one more. Ties within a row: the earlier column is removed first."""
-    rows, _ = scores.shape
+    one more. Ties within a row: the earlier column is removed first. Rows are sorted a chunk at a time, so the
+    extra memory is a few MB whatever the layer's size."""
+    rows, cols = scores.shape
     base, extra = divmod(scores.numel() - int(keep), rows)
     k = base + (1 if extra else 0)
     keep_mask = torch.ones_like(scores, dtype=torch.bool)
     if k > 0:
-        idx = scores.argsort(dim=1, stable=True)[:, :k]
-        keep_mask.scatter_(1, idx, False)
-        if extra:  # the rows past the first ``extra`` keep their k-th lowest weight
-            keep_mask[extra:].scatter_(1, idx[extra:, k - 1 : k], True)
+        starts, step = _row_chunks(rows, cols)
+        for r0 in starts:
+            r1 = min(rows, r0 + step)
+            idx = scores[r0:r1].argsort(dim=1, stable=True)[:, :k]
+            part = keep_mask[r0:r1]
+            part.scatter_(1, idx, False)
+            first = max(extra, r0) - r0  # the rows past the first ``extra`` keep their k-th lowest weight
+            if extra and first < r1 - r0:
+                part[first:].scatter_(1, idx[first:, k - 1 : k], True)
     return keep_mask
 
 
@@ -131,9 +145,12 @@ def keep_n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     out, cols = scores.shape
     if cols % m:
         raise ValueError(f"{cols} input columns are not divisible by M={m}")
-    groups = scores.reshape(out, cols // m, m)
-    idx = groups.argsort(dim=2, stable=True)[..., :n]
-    keep = torch.ones_like(groups, dtype=torch.bool).scatter_(2, idx, False)
+    keep = torch.ones((out, cols // m, m), dtype=torch.bool, device=scores.device)
+    starts, step = _row_chunks(out, cols)
+    for r0 in starts:
+        r1 = min(out, r0 + step)
+        idx = scores[r0:r1].reshape(r1 - r0, cols // m, m).argsort(dim=2, stable=True)[..., :n]
+        keep[r0:r1].scatter_(2, idx, False)
     return keep.view(out, cols)
 
 

@@ -28,13 +28,21 @@ def inverse_hessian_cholesky(h: torch.Tensor, dampening: float, max_tries: int =
     n = h.shape[0]
     mean_diag = torch.diag(h).mean()
     damp = dampening
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
     for _ in range(max_tries):
         # Cholesky of the index-reversed matrix gives H = R R^T with R upper triangular; then
         # H^-1 = (R^-1)^T R^-1 and R^-1 is the upper factor we want: one factorization, one triangular inverse.
-        lower_rev, info = torch.linalg.cholesky_ex((h + damp * mean_diag * eye).flip(0, 1))
+        # (Each n x n temporary is freed as soon as the next exists: at most three alive, not eight.)
+        a = h.clone()
+        a.diagonal().add_(damp * mean_diag)
+        rev = a.flip(0, 1)
+        del a
+        lower_rev, info = torch.linalg.cholesky_ex(rev)
+        del rev
         if int(info) == 0:
-            upper = torch.linalg.solve_triangular(lower_rev.flip(0, 1), eye, upper=True)
+            lower = lower_rev.flip(0, 1)
+            del lower_rev
+            upper = torch.linalg.solve_triangular(lower, torch.eye(n, dtype=h.dtype, device=h.device), upper=True)
+            del lower
             if torch.isfinite(upper).all():
                 if damp != dampening:
                     warnings.warn(f"SparseGPT: Hessian not positive definite; raised dampening to {damp:g}", stacklevel=2)

@@ -202,9 +202,13 @@ class BlockStream:
         rows = layer_sparsity(self.targets[bi])
         params = {k: self.model.get_parameter(k) for k in self.block_params[bi]}
         stats = {"params": sum(p.numel() for p in params.values()), "nonzeros": sum(int((p != 0).sum()) for p in params.values())}
+        del params
         tensors = {}
-        for k, p in params.items():
+        for k in self.block_params[bi]:  # each fp32 weight freed as its stored-dtype copy is made
+            p = self.model.get_parameter(k)
             t = p.detach().to(self.ckpt.dtype(k) or p.dtype)
+            del p
+            to_meta(self.model, k)
             tensors.update(self.compress(k, t) if self.compress is not None else {k: t})
         tensors.update(self.ckpt.read(self.block_extra[bi]))
         _save(tensors, self.work / "shards" / shard_name(bi, self.n + 1))
