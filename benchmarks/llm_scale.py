@@ -264,8 +264,11 @@ def part_smollm2(results: dict, args) -> None:
 
 def part_big(results: dict, args, name: str) -> None:
     shape = SHAPES[name]
+    key = name
+    if args.layers:  # peak memory does not grow with depth: a few blocks of the same shapes measure it quicker
+        shape, key = {**shape, "num_hidden_layers": args.layers}, f"{name}-{args.layers}layers"
     work = Path(args.work)
-    src = work / f"llama-{name}-bf16"
+    src = work / f"llama-{key}-bf16"
     gen_s = make_checkpoint(src, shape)
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     print(f"{name}: checkpoint {src} {size / 2**30:.2f} GiB bf16 (generated in {gen_s:.0f} s)" if gen_s else
@@ -274,7 +277,7 @@ def part_big(results: dict, args, name: str) -> None:
     target = 2 * block_bytes_fp32(shape) + act + 1.5 * 2**30
     entry = {"shape": shape, "checkpoint_gib": size / 2**30, "generate_s": gen_s, "samples": 8, "seqlen": 128,
              "target_peak_gib": target / 2**30, "runs": []}
-    methods = args.big_methods.split(",") if name == "7b" else ["wanda"]
+    methods = args.big_methods.split(",") if name == "7b" or args.layers else ["wanda"]
     for method in methods:
         rec = {"method": method, "sparsity": 0.5}
         out = work / f"{name}-{method}-out"
@@ -296,7 +299,7 @@ def part_big(results: dict, args, name: str) -> None:
         print(f"{name} wanda     llm-compressor: wall {r.get('wall_s', 0):7.1f} s  peak {r.get('peak_rss_gib', 0):.2f} GiB "
               f"{r.get('error', '')}")
         shutil.rmtree(out, ignore_errors=True)
-    results[name] = entry
+    results[key] = entry
     if not args.keep:
         shutil.rmtree(src, ignore_errors=True)
 
@@ -320,12 +323,12 @@ def write_md(results: dict) -> None:
                           f"block {r['resumed'].get('resumed_at_block')} ({r['resumed']['wall_s']:.1f} s): sha256 of all "
                           f"output tensors equal to the uninterrupted run: **{r['resume_identical']}**."]
         lines.append("")
-    for name in ("7b", "13b"):
-        e = results.get(name)
-        if not e:
-            continue
+    for name in [k for k in results if k.split("-")[0] in SHAPES]:
+        e = results[name]
         sh = e["shape"]
-        lines += [f"## {name}-class Llama, random weights, bf16 ({e['checkpoint_gib']:.2f} GiB), Wanda/SparseGPT 50%, "
+        base, _, few = name.partition("-")
+        label = f"{base}-class Llama" + (f" (only {few.replace('layers', '')} of its blocks: peak memory does not grow with depth)" if few else "")
+        lines += [f"## {label}, random weights, bf16 ({e['checkpoint_gib']:.2f} GiB), Wanda/SparseGPT 50%, "
                   f"{e['samples']} x {e['seqlen']} calibration tokens", "",
                   f"hidden {sh['hidden_size']}, {sh['num_hidden_layers']} layers, intermediate {sh['intermediate_size']}, "
                   f"{sh['num_attention_heads']} heads / {sh['num_key_value_heads']} kv heads, vocab {sh['vocab_size']}. "
@@ -349,6 +352,7 @@ def main() -> None:
     ap.add_argument("--peer", action="store_true", help="7b: also run llm-compressor (needs the peers extra)")
     ap.add_argument("--timeout", type=float, default=7200, help="seconds per big job")
     ap.add_argument("--keep", action="store_true", help="keep the generated big checkpoints")
+    ap.add_argument("--layers", type=int, default=0, help="7b/13b: only this many blocks (results under '7b-<N>layers')")
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:

@@ -270,9 +270,10 @@ def run_sequential(
 
         t0 = time.perf_counter()
         for gid, group in members.items():
-            value = collectors[gid].value
+            value = collectors.pop(gid).value  # each group's statistic is freed once its group is pruned
             check_finite_tensor(value, f"The calibration activations entering {group[0][0]}")
             on_group(bi, group, value)
+            del value
         del collectors
         times["solve_s"] += time.perf_counter() - t0
 

@@ -61,15 +61,20 @@ def sparsegpt_(
     nm: tuple[int, int] | None,
     blocksize: int = 128,
     dampening: float = 0.01,
+    overwrite_hessian: bool = False,
 ) -> None:
     """Prune and update every ``[out, in]`` matrix of ``weights`` in place; they all read the same input.
 
     Unstructured: ``counts[i]`` weights leave ``weights[i]``, split exactly over the column blocks.
+    ``overwrite_hessian``: ``hessian`` may be used as scratch (the engine hands each group's its own; saves one
+    in x in matrix, 485 MB for a 7B model's down_proj).
     """
     rows = [w.shape[0] for w in weights]
     bounds = torch.tensor([0] + rows).cumsum(0).tolist()
     W = torch.cat([w.float() for w in weights], 0)
-    H = hessian.float().clone()
+    H = hessian.float()
+    if H is hessian and not overwrite_hessian:
+        H = H.clone()
     cols = W.shape[1]
     if nm is not None and blocksize % nm[1]:
         blocksize = max(nm[1], blocksize // nm[1] * nm[1])  # N:M groups must not straddle column blocks
@@ -145,4 +150,4 @@ class SparseGPT(Method):
         self.dampening = dampening
 
     def prune_group(self, weights, stat, counts, nm, names):
-        sparsegpt_(weights, stat, counts, nm, self.blocksize, self.dampening)
+        sparsegpt_(weights, stat, counts, nm, self.blocksize, self.dampening, overwrite_hessian=True)
