@@ -202,6 +202,10 @@ def test_cli_refusals(ckpts, tmp_path, monkeypatch):
     assert rc == 2 and "GBLM" in error_line(err)
     rc, _, err = invoke("prune", src, "--structure", "heads", "--sparsity", "0.5", "--out", tmp_path / "o", "--stream")
     assert rc == 2 and "Structured pruning is not streamed" in error_line(err)
+    (tmp_path / "afile").write_text("x")
+    rc, _, err = invoke("prune", src, "--method", "magnitude", "--out", tmp_path / "o", "--stream", "--offload-dir",
+                        tmp_path / "afile")
+    assert rc == 2 and "is a file" in error_line(err)
     # not enough disk: refused before any work, nothing written
     import prunekit.stream as st
 

@@ -163,6 +163,8 @@ def prune_checkpoint(path: str | Path, out: str | Path, recipe=None, calibration
     hidden = int(getattr(model.config, "hidden_size", 0) or 0)
     act = 0 if calibration_batches is None else calibration_batches.numel() * hidden * 4
     off = None if offload_dir is None else Path(offload_dir)
+    if off is not None and off.exists() and not off.is_dir():
+        raise PruneError(f"--offload-dir {off} is a file; give a directory for the offloaded activations.")
     _check_space(ckpt, out, off, act, format, 1.0 - recipe.sparsity)
     if off is not None:
         off.mkdir(parents=True, exist_ok=True)
