@@ -281,11 +281,12 @@ def test_compressed_tensors_round_trip(ckpts, ids, tmp_path, recipe):
 @pytest.mark.parametrize("recipe", ["wanda", "wanda-2:4"])
 def test_compressed_tensors_package_decompresses_it(ckpts, ids, tmp_path_factory, tmp_path, recipe):
     """compressed-tensors 0.14.0.1 (the last release with sparse compressors) reads the output's config and
-    decompresses its weights to exactly the dense output's."""
+    decompresses its weights to exactly the dense output's. It is installed apart (--no-deps: it asks for
+    transformers<5) with its one other import, loguru."""
     target = tmp_path_factory.getbasetemp() / "ct014"
     if not (target / "compressed_tensors").is_dir():
         p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                            "compressed-tensors==0.14.0.1"], capture_output=True, text=True)
+                            "compressed-tensors==0.14.0.1", "loguru==0.7.3"], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-2000:]
     src = ckpts["bf16"]
     prune_checkpoint(src, tmp_path / "dense", RECIPES[recipe], ids, progress=False)
