@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--no-peers", action="store_true", help="skip llm-compressor")
     ap.add_argument("--peer-batch-size", type=int, default=1, help="llm-compressor calibration batch size (its default: 1)")
+    ap.add_argument("--modes", default="sequential", help="prunekit calibration modes: sequential,one-pass")
+    ap.add_argument("--variants", default="", help="extra prunekit rows: comma-separated of bf16 (calibration "
+                    "forwards in bfloat16), all (the whole calibration set per block)")
     ap.add_argument("--out", default=str(HERE / "results" / "llm_oneshot"))
     args = ap.parse_args()
 
@@ -66,29 +69,37 @@ def main() -> None:
 
     rows = []
 
-    def record(tool, method, pattern, seconds, m):
+    def record(tool, method, pattern, seconds, m, variant="sequential"):
         ppl = perplexity(m, windows)
-        rows.append({"tool": tool, "method": method, "pattern": pattern, "prune_s": seconds, "perplexity": ppl})
-        print(f"{tool:<14} {method:<10} {pattern:<13} prune {seconds:7.1f}s  ppl {ppl:8.2f}", flush=True)
+        rows.append({"tool": tool, "method": method, "pattern": pattern, "prune_s": seconds, "perplexity": ppl,
+                     "variant": variant})
+        print(f"{tool:<14} {method:<10} {pattern:<13} {variant:<22} prune {seconds:7.1f}s  ppl {ppl:8.2f}", flush=True)
 
     record("-", "dense", "-", 0.0, model)
     for method in args.methods.split(","):
         for pattern in args.patterns.split(","):
             sp = args.sparsity if pattern == "unstructured" else None
             recipe = {"method": method, "pattern": pattern, **({"sparsity": sp} if sp is not None else {})}
-            model.load_state_dict(dense_state)
-            t0 = time.perf_counter()
-            _, rep = prunekit.prune(model, recipe, calib, progress=False)
-            record("prunekit", method, pattern, time.perf_counter() - t0, model)
-            rows[-1]["sparsity"] = rep.summary["target_sparsity"]
-            rows[-1]["times"] = rep.times
+            variants = [("sequential", {})]
+            if method != "magnitude":
+                variants = [(m, {"mode": m}) for m in args.modes.split(",")]
+                for v in filter(None, args.variants.split(",")):
+                    variants.append({"bf16": ("sequential, bf16 forwards", {"precision": "bf16"}),
+                                     "all": ("sequential, whole set per pass", {"batch_size": "all"})}[v])
+            for name, cal in variants:
+                model.load_state_dict(dense_state)
+                t0 = time.perf_counter()
+                _, rep = prunekit.prune(model, {**recipe, "calibration": cal}, calib, progress=False)
+                record("prunekit", method, pattern, time.perf_counter() - t0, model, name)
+                rows[-1]["sparsity"] = rep.summary["target_sparsity"]
+                rows[-1]["times"] = rep.times
             if peers is not None and method in ("wanda", "sparsegpt"):
                 model.load_state_dict(dense_state)
                 secs = peers.run_llmcompressor(model, method, 0.5, pattern, calib, batch_size=args.peer_batch_size)
                 record("llm-compressor", method, pattern, secs, model)
 
     # table
-    by = {(r["tool"], r["method"], r["pattern"]): r for r in rows}
+    by = {(r["tool"], r["method"], r["pattern"]): r for r in rows if r.get("variant", "sequential") == "sequential"}
     lines = [
         f"SmolLM2-135M, calibration {args.samples} x {args.seqlen} tokens, evaluation {windows.shape[0]} x "
         f"{args.seqlen} tokens (held-out plays); {platform.machine()} CPU, {os.cpu_count()} cores, torch "
@@ -110,6 +121,19 @@ def main() -> None:
                 )
             else:
                 lines.append(f"| {method} | {pattern} | {ours['perplexity']:.2f} | {ours['prune_s']:.1f} | - | - | - |")
+    extra = [r for r in rows if r["tool"] == "prunekit" and r["method"] != "magnitude"]
+    if extra:
+        lines += ["", "prunekit's time split (forward passes / statistics / solve) and its other modes, against the same "
+                  "llm-compressor row:", "",
+                  "| method | pattern | prunekit mode | ppl | s | forward s | stats s | solve s | outside forwards | time ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in extra:
+            t = r["times"]
+            fwd, st, sol = t.get("prune_forward_s", 0.0), t.get("prune_stats_s", 0.0), t.get("prune_solve_s", 0.0)
+            peer = by.get(("llm-compressor", r["method"], r["pattern"]))
+            lines.append(f"| {r['method']} | {r['pattern']} | {r['variant']} | {r['perplexity']:.2f} | {r['prune_s']:.1f} | "
+                         f"{fwd:.1f} | {st:.1f} | {sol:.1f} | {(r['prune_s'] - fwd) / r['prune_s']:.0%} | "
+                         + (f"{r['prune_s'] / peer['prune_s']:.2f} |" if peer else "- |"))
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(args.out)

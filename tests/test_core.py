@@ -292,3 +292,27 @@ def test_row_selection_in_chunks_equals_one_pass(monkeypatch, keep):
     assert torch.equal(M.keep_per_row(scores, keep), whole)
     assert torch.equal(M.keep_n_of_m(scores, 2, 4), nm)
     assert int(whole.sum()) == keep
+
+
+def _per_row_by_sort(scores, keep):
+    """The definition: per row, stable-sort and remove the lowest (the first ``extra`` rows one more)."""
+    rows, _ = scores.shape
+    base, extra = divmod(scores.numel() - keep, rows)
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    for r in range(rows):
+        n = base + (1 if r < extra else 0)
+        mask[r, scores[r].argsort(stable=True)[:n]] = False
+    return mask
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_keep_per_row_selection_equals_a_stable_sort(ties):
+    g = torch.Generator().manual_seed(7)
+    for rows, cols in ((5, 9), (13, 4), (1, 17), (32, 64)):
+        s = torch.randn(rows, cols, generator=g)
+        if ties:
+            s = (s * 2).round()
+        for keep in {0, 1, rows - 1, rows * cols // 2, rows * cols // 2 + 3, rows * cols - 1, rows * cols}:
+            if keep < 0:
+                continue
+            assert torch.equal(keep_per_row(s, keep), _per_row_by_sort(s, keep)), (rows, cols, keep)

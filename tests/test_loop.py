@@ -183,3 +183,18 @@ def test_gradient_pass_sums_and_puts_everything_back():
     with pytest.raises(KeyboardInterrupt):
         gradient_pass(model, [model[0].weight], [0], boom, add)
     assert model[2].weight.requires_grad is False and model[0].weight.requires_grad and not model.training
+
+
+def test_kd_loss_gradient_is_autograds_and_exactly_zero_at_the_teacher():
+    s = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 5, 11, dtype=torch.float64)
+    T = 1.7
+    ref = F.kl_div(F.log_softmax(s / T, -1).reshape(-1, 11), F.log_softmax(t / T, -1).reshape(-1, 11), log_target=True,
+                   reduction="batchmean") * T * T
+    (g_ref,) = torch.autograd.grad(ref, s)
+    loss = kd_loss(s, t, T)
+    (g,) = torch.autograd.grad(loss, s)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-12) and torch.allclose(g, g_ref, atol=1e-12)
+    x = torch.randn(4, 7, 33, requires_grad=True)
+    (g0,) = torch.autograd.grad(kd_loss(x, x.detach().clone(), 2.0), x)
+    assert float(kd_loss(x, x.detach().clone(), 2.0)) == 0.0 and not g0.any()

@@ -235,6 +235,11 @@ def test_cli_round_trip(pruned_dir, tmp_path, method):
     assert rec["recipe"]["method"] == method and rec["recipe"]["steps"] == 20 and rec["stats"]["steps"] == 20
     assert rec["teacher"] == (str(dense_dir) if method == "distill" else None)
     assert rec["metrics"]["perplexity_after"] < rec["metrics"]["perplexity_before"]
+    # judged out of domain too: a text the recovery never saw, with agreement against the dense source
+    ood = rec["metrics"]["ood"]
+    assert ood["text"] == "shakespeare" and ood["shared_13grams_with_training"] == 0
+    assert ood["perplexity_after"] > 0 and 0 <= ood["agreement_after"] <= 1 and ood["perplexity_dense"] > 0
+    assert 0 <= rec["metrics"]["agreement_after"] <= 1 and "out of domain" in r.stdout
     pruned = AutoModelForCausalLM.from_pretrained(src)
     recovered = AutoModelForCausalLM.from_pretrained(out)
     assert type(recovered) is LlamaForCausalLM

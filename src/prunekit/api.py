@@ -68,6 +68,7 @@ def _dense_importance(model, adapter, per_block, method, batches, recipe, device
         model, adapter.blocks(model), per_block, batches, "sqnorm", record,
         batch_size=recipe.calibration.batch_size, device=device, progress=progress,
         desc="allocation statistics", propagate=False, stream=None if stream is None else stream.reader(),
+        precision=recipe.calibration.precision,
     )
     return out
 
@@ -117,6 +118,21 @@ def _record_bos(model: nn.Module, recipe: Recipe, batches, bos: int | None = Non
     return recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"bos": used})})
 
 
+def resolve_chunks(model: nn.Module, recipe: Recipe, batches, device="cpu") -> Recipe:
+    """The recipe with ``calibration.batch_size: all`` replaced by the number of sequences per forward pass that
+    was used (:func:`prunekit.calibrate.resolve_batch_size`), so that the recorded recipe repeats the run."""
+    want = recipe.calibration.batch_size
+    if want != "all":
+        return recipe
+    from prunekit.calibrate import resolve_batch_size
+    from prunekit.core.progress import say
+
+    n = resolve_batch_size(model, batches if isinstance(batches, torch.Tensor) else None, want, device)
+    if isinstance(batches, torch.Tensor) and n < batches.shape[0]:
+        say(f"calibration batch_size 'all': {batches.shape[0]} sequences do not fit in memory at once; {n} per pass")
+    return recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"batch_size": n})})
+
+
 def _windows_from_text(tokenizer, text: str, samples: int, seqlen: int, seed: int, bos_flag: bool | None) -> torch.Tensor:
     from prunekit.batches import calibration_batches as draw
     from prunekit.batches import resolve_bos, tokenize
@@ -137,6 +153,9 @@ def prune(
     after_prune=None,
     device: str = "cpu",
     progress: bool = True,
+    distill_batches: torch.Tensor | None = None,
+    work_dir=None,
+    resume: bool = False,
 ) -> tuple[nn.Module, Report]:
     """Prune ``model`` in place as ``recipe`` says and return it with a :class:`Report`; every section of the
     recipe is carried out, and the recorded recipe says what was used.
@@ -151,6 +170,12 @@ def prune(
     (default: drawn from ``recipe.recovery.text`` with ``tokenizer``); ``teacher``: the dense model for recovery
     method distill (default: a copy of ``model`` taken before pruning). ``after_prune(model, report)`` runs
     between pruning and recovery (the CLI measures the one-shot perplexity there).
+
+    With a ``distill`` section the pruning is followed by distillation from the dense ``teacher`` (every weight
+    trained, zeros kept; iteratively for a structure section), see :func:`prunekit.train.distill.compress_and_distill`:
+    ``distill_batches`` default to windows of ``recipe.distill.text`` drawn with ``tokenizer``; ``work_dir`` keeps
+    resumable checkpoints, ``resume`` continues them. The returned model is then the distilled student (a new
+    object when a checkpoint was resumed).
     """
     if recipe is None:
         recipe = Recipe()
@@ -173,6 +198,7 @@ def prune(
         recipe = recipe.model_copy(update={"calibration": cal.model_copy(update={
             "text": None if "text" not in cal.model_fields_set else cal.text, "samples": int(n), "seqlen": int(seqlen)})})
     recipe = _record_bos(model, recipe, calibration_batches, bos)
+    recipe = resolve_chunks(model, recipe, calibration_batches, device)
     rec = recipe.recovery
     if rec is not None:
         if recovery_batches is None and tokenizer is None:
@@ -186,6 +212,18 @@ def prune(
             teacher = copy.deepcopy(model)
         if recovery_batches is None:
             recovery_batches = _windows_from_text(tokenizer, rec.text, rec.samples, rec.seqlen, rec.seed, recipe.calibration.bos)
+    if recipe.distill is not None:
+        from prunekit.train.distill import compress_and_distill
+
+        d = recipe.distill
+        if distill_batches is None:
+            if tokenizer is None:
+                raise PruneError("The recipe has a distill section: pass tokenizer= (its text is drawn from "
+                                 "distill.text) or distill_batches=, or drop the section.")
+            distill_batches = _windows_from_text(tokenizer, d.text, d.samples, d.seqlen, d.seed, recipe.calibration.bos)
+        return compress_and_distill(model, recipe, calibration_batches, distill_batches, teacher=teacher,
+                                    work_dir=work_dir, resume=resume, after_prune=after_prune, device=device,
+                                    progress=progress)
     model, report = _prune_only(model, recipe, calibration_batches, device, progress)
     if rec is not None:
         from prunekit.train import recover
@@ -277,6 +315,7 @@ def _prune_only(model, recipe: Recipe, calibration_batches, device, progress, st
             desc=f"{recipe.method} {recipe.pattern}",
             propagate=recipe.calibration.mode == "sequential",
             stream=stream,
+            precision=recipe.calibration.precision,
         )
         times.update({f"prune_{k}": v for k, v in phase.items()})
     times["prune_s"] = time.perf_counter() - t_all

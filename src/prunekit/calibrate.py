@@ -167,6 +167,77 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
             t.data = t.data.to(device)
 
 
+def activation_bytes_per_token(model: nn.Module) -> int:
+    """A generous estimate of the bytes one token's activations take inside one block's forward (fp32): the
+    hidden states a few times over, the MLP's intermediate three times, one row of attention scores per head."""
+    c = getattr(model, "config", None)
+    hidden = int(getattr(c, "hidden_size", 0) or 0)
+    inter = int(getattr(c, "intermediate_size", 0) or getattr(c, "ffn_dim", 0) or 4 * hidden)
+    heads = int(getattr(c, "num_attention_heads", 0) or 1)
+    return 4 * (8 * hidden + 3 * inter + heads * 64)
+
+
+def available_bytes(device) -> int:
+    """Free memory of ``device`` (CPU: MemAvailable of /proc/meminfo, else 4 GiB)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def resolve_batch_size(model: nn.Module, batches: torch.Tensor | None, want: int | str, device="cpu") -> int:
+    """``want`` as a number of sequences per forward pass: ``'all'`` is every calibration sequence at once when
+    their activations inside one block fit in a quarter of the free memory, else the largest count that does."""
+    if want != "all":
+        return int(want)
+    if batches is None:
+        return 8
+    n, seqlen = int(batches.shape[0]), int(batches.shape[1])
+    per_seq = activation_bytes_per_token(model) * seqlen + 4 * seqlen * seqlen * int(
+        getattr(getattr(model, "config", None), "num_attention_heads", 1) or 1)
+    fits = max(1, available_bytes(device) // 4 // max(1, per_seq))
+    return max(1, min(n, int(fits)))
+
+
+class ComputePrecision:
+    """``with ComputePrecision(device, "bf16"):`` the forwards inside run in bfloat16 autocast, and on a CPU the fp32
+    matrix products left (the statistics' sums X^T X) use oneDNN's implicit bf16 (fp32 inputs, outputs and
+    accumulation; ``torch.backends.mkldnn.matmul.fp32_precision``; AMX where the CPU has it). ``"fp32"``: nothing
+    changes. Reusable; the settings are put back on leaving."""
+
+    def __init__(self, device, precision: str):
+        self.device, self.precision = torch.device(device), precision
+        self._saved = None
+
+    def __enter__(self):
+        if self.precision != "bf16":
+            return self
+        auto = torch.autocast(self.device.type, dtype=torch.bfloat16)
+        auto.__enter__()
+        matmul = getattr(torch.backends.mkldnn, "matmul", None)
+        old = None
+        if self.device.type == "cpu" and matmul is not None and hasattr(matmul, "fp32_precision"):
+            old = matmul.fp32_precision
+            matmul.fp32_precision = "bf16"
+        self._saved = (auto, old)
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            auto, old = self._saved
+            self._saved = None
+            if old is not None:
+                torch.backends.mkldnn.matmul.fp32_precision = old
+            auto.__exit__(*exc)
+        return False
+
+
 GroupFn = Callable[[int, list[tuple[str, nn.Module]], "torch.Tensor | None"], None]
 
 
@@ -184,6 +255,7 @@ def run_sequential(
     desc: str = "pruning",
     propagate: bool = True,
     stream=None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Run the engine; ``on_group(block_index, [(name, module), ...], statistic_tensor)`` prunes one group.
 
@@ -194,7 +266,11 @@ def run_sequential(
     each block is loaded before its turn and handed to ``stream.done`` after it (which writes and frees it);
     ``stream.resume`` may restore the activations of a finished block and say where to continue.
 
-    Returns wall seconds spent in forward passes (``forward_s``) and in ``on_group`` (``solve_s``).
+    ``precision="bf16"``: the block forwards and the statistics' matrix products run in bfloat16 with fp32
+    accumulation (:class:`ComputePrecision`); the method's solve (``on_group``) always runs in fp32.
+
+    Returns wall seconds spent in forward passes (``forward_s``), in collecting the statistics inside them
+    (``stats_s``, not part of ``forward_s``) and in ``on_group`` (``solve_s``).
     """
 
     device = torch.device(device)
@@ -203,7 +279,9 @@ def run_sequential(
     if device.type != "cpu" and stream is None:  # streamed: the stream puts what the capture needs on the device
         _move_outside_blocks(model, blocks, device)
 
-    times = {"forward_s": 0.0, "solve_s": 0.0}
+    times = {"forward_s": 0.0, "stats_s": 0.0, "solve_s": 0.0}
+    autocast = ComputePrecision(device, precision)
+    clock = time.perf_counter
     t0 = time.perf_counter()
     inputs = capture_inputs(model, blocks, input_ids, batch_size, device, stream=stream)
     times["forward_s"] += time.perf_counter() - t0
@@ -241,7 +319,9 @@ def run_sequential(
                     group_of[name] = gid
                     members[gid].append((name, module))
                 if members[gid][0][0] == name:
+                    t = clock()
                     collectors[gid].add(x.detach())
+                    times["stats_s"] += clock() - t
                 seen_in_chunk.add(name)
                 if propagate and len(seen_in_chunk) == n_targets:
                     # every target has its input: the rest of this pass (the last layer itself included)
@@ -252,13 +332,15 @@ def run_sequential(
 
         handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in targets[bi]]
         t0 = time.perf_counter()
+        stats0 = times["stats_s"]
         try:
             dense_out = [] if stream is None or propagate else stream.hidden_store()
             for i in range(len(inputs.hidden)):
                 try:
-                    out = _call_block(block, inputs, bi, i)
+                    with autocast:
+                        out = _call_block(block, inputs, bi, i)
                     if not propagate:
-                        dense_out.append(out)
+                        dense_out.append(out.to(inputs.hidden[i].dtype))
                 except _StopForward:
                     pass
                 live.clear()
@@ -266,12 +348,15 @@ def run_sequential(
         finally:
             for h in handles:
                 h.remove()
-        times["forward_s"] += time.perf_counter() - t0
+        times["forward_s"] += time.perf_counter() - t0 - (times["stats_s"] - stats0)
 
         t0 = time.perf_counter()
         for gid, group in members.items():
             value = collectors.pop(gid).value  # each group's statistic is freed once its group is pruned
-            check_finite_tensor(value, f"The calibration activations entering {group[0][0]}")
+            # a sum of squares is finite iff every activation is: for a Hessian X^T X its diagonal says it all
+            # (|H_ij| <= sqrt(H_ii H_jj)), a vector's worth of checking instead of a matrix's
+            square = value.dim() == 2 and value.shape[0] == value.shape[1] and statistic == "hessian"
+            check_finite_tensor(value.diagonal() if square else value, f"The calibration activations entering {group[0][0]}")
             on_group(bi, group, value)
             del value
         del collectors
@@ -280,7 +365,8 @@ def run_sequential(
         t0 = time.perf_counter()
         if propagate:
             for i in range(len(inputs.hidden)):
-                inputs.hidden[i] = _call_block(block, inputs, bi, i)
+                with autocast:
+                    inputs.hidden[i] = _call_block(block, inputs, bi, i).to(inputs.hidden[i].dtype)
         else:
             inputs.hidden = dense_out
         times["forward_s"] += time.perf_counter() - t0

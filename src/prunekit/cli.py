@@ -67,6 +67,8 @@ def prune(
     per_layer: Annotated[Optional[str], typer.Option(help="list: comma-separated sparsity per decoder layer")] = None,
     gblm_alpha: Annotated[Optional[float], typer.Option(help="GBLM: weight of the gradient term (0 = Wanda)")] = None,
     calib_mode: Annotated[Optional[str], typer.Option(help="sequential (default) or one-pass")] = None,
+    calib_batch_size: Annotated[Optional[str], typer.Option(help="sequences per calibration forward pass (default 8), or 'all' (the whole set per block when memory allows)")] = None,
+    calib_precision: Annotated[Optional[str], typer.Option(help="fp32 (default) | bf16: calibration forwards in bfloat16 autocast (faster on AMX CPUs and GPUs)")] = None,
     bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help=_BOS_HELP)] = None,
     recover: Annotated[Optional[str], typer.Option("--recover", help="train after pruning: perp | lora | full | distill")] = None,
     recover_steps: Annotated[Optional[int], typer.Option(help="recovery optimizer steps")] = None,
@@ -98,6 +100,11 @@ def prune(
     resume: Annotated[bool, typer.Option("--resume", help="with --stream: continue the interrupted run whose checkpoint sits beside --out (or start one)")] = False,
     offload_dir: Annotated[Optional[Path], typer.Option(help="with --stream: keep the calibration activations in files here instead of memory")] = None,
     out_format: Annotated[str, typer.Option("--format", help="with --stream: safetensors (dense, default; vLLM loads it) | compressed-tensors (bitmask / 2:4 sparse, smaller on disk)")] = "safetensors",
+    distill: Annotated[Optional[int], typer.Option("--distill", help="then distil from the dense model for this many steps (every weight trained, zeros kept; resumable with --resume)")] = None,
+    distill_iterations: Annotated[Optional[int], typer.Option(help="with --structure: prune in this many parts, distilling after each (Minitron)")] = None,
+    distill_text: Annotated[Optional[str], typer.Option(help="distillation text, its calibration split: shakespeare | pydoc | PATH.txt")] = None,
+    distill_precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 (forward passes in bfloat16 autocast: much faster on CPUs with AMX)")] = None,
+    ood_text: Annotated[Optional[str], typer.Option(help="with --recover / --distill: a text the training never saw, also evaluated (default: pydoc after shakespeare, else shakespeare); 'none' skips")] = None,
 ) -> None:
     """Prune MODEL and save it to --out (loads with stock transformers).
 
@@ -148,7 +155,13 @@ def prune(
     if exclude:
         fields["exclude"] = list(exclude)
     cal = dict(fields.get("calibration", {}))
-    cal.update({k: v for k, v in {"text": calib, "samples": calib_samples, "seqlen": seqlen, "seed": seed, "mode": calib_mode, "bos": bos}.items() if v is not None})
+    if calib_batch_size is not None and calib_batch_size != "all":
+        try:
+            calib_batch_size = int(calib_batch_size)
+        except ValueError:
+            raise PruneError(f"--calib-batch-size must be a positive integer or 'all', got {calib_batch_size!r}.") from None
+    cal.update({k: v for k, v in {"text": calib, "samples": calib_samples, "seqlen": seqlen, "seed": seed, "mode": calib_mode,
+                                  "bos": bos, "batch_size": calib_batch_size, "precision": calib_precision}.items() if v is not None})
     if cal:
         fields["calibration"] = cal
     if recover is not None or recover_steps is not None:
@@ -163,10 +176,18 @@ def prune(
     st.update({k: v for k, v in st_flags.items() if v is not None})
     if st:
         fields["structure"] = st
+    dst = dict(fields.get("distill") or {})
+    dst.update({k: v for k, v in {"steps": distill, "iterations": distill_iterations, "text": distill_text,
+                                  "precision": distill_precision}.items() if v is not None})
+    if dst:
+        fields["distill"] = dst
     rec = Recipe.make(**fields)
-    if not stream and (resume or offload_dir is not None or out_format != "safetensors"):
+    if not stream and (offload_dir is not None or out_format != "safetensors" or (resume and rec.distill is None)):
         flag = "--resume" if resume else "--offload-dir" if offload_dir is not None else "--format"
-        raise PruneError(f"{flag} works with --stream (the model read from disk block by block); add --stream.")
+        raise PruneError(f"{flag} works with --stream (the model read from disk block by block){' or --distill' if resume else ''}; add it.")
+    if stream and rec.distill is not None:
+        raise PruneError("Distillation trains the whole model at once, which is not streamed; prune with --stream "
+                         "first, or drop --distill.")
     if stream:
         _prune_streamed(model, out, rec, resume=resume, offload_dir=offload_dir, fmt=out_format, overwrite=overwrite,
                         device=device, progress=progress)
@@ -195,17 +216,34 @@ def prune(
     c = rec.calibration
     if rec.needs_data:
         load_text(c.text, "calibration")  # an unknown text fails here, before the dense reference
+    train_text = None  # what recovery / distillation trains on
     if rec.recovery is not None:
-        load_text(rec.recovery.text, "calibration")
+        train_text = rec.recovery.text
+    elif rec.distill is not None:
+        train_text = rec.distill.text
+    if train_text is not None:
+        load_text(train_text, "calibration")
     ev_text = c.text if eval_text is None else eval_text
+    if train_text is not None and eval_text is None:
+        ev_text = train_text  # in domain: the held-out split of the training text
     windows = None if ev_text == "none" else _load_windows(tok, ev_text, "evaluation", c.seqlen, eval_windows, bos_token)
+    ood = None
+    if train_text is not None:
+        from prunekit.zoo.text import out_of_domain
 
-    metrics, ref = {}, None
+        ood = out_of_domain(train_text) if ood_text is None else ood_text
+        ood = None if ood == "none" else ood
+    ood_windows = None if ood is None else _load_windows(tok, ood, "evaluation", c.seqlen, eval_windows, bos_token)
+
+    metrics, ref, ood_ref = {}, None, None
     if windows is not None:
         t0 = time.perf_counter()
         _say(f"dense reference on {ev_text} ({windows.shape[0]} x {windows.shape[1]} tokens, {generations} generations) ...")
         ref = api.reference(m, tok, windows, generations)
         times["eval_dense_s"] = time.perf_counter() - t0
+    if ood_windows is not None:
+        _say(f"dense reference on {ood}, out of domain ({ood_windows.shape[0]} x {ood_windows.shape[1]} tokens) ...")
+        ood_ref = api.reference(m, tok, ood_windows, 0)
 
     if rec.structure is not None:
         _say(f"structured pruning ({_structure_words(rec.structure)}) ...")
@@ -215,20 +253,43 @@ def prune(
     def after_prune(model, report):
         if ref is not None:
             report.metrics["perplexity_oneshot"] = api.compare(model, tok, windows, {**ref, "prompts": []})[0]["perplexity"]
+        if ood_ref is not None:
+            report.metrics["perplexity_oneshot_ood"] = api.compare(model, tok, ood_windows, ood_ref)[0]["perplexity"]
         r = rec.recovery
-        _say(f"recovery: {r.method}, {r.steps} steps of {r.batch_size} x {r.seqlen} tokens ...")
+        if r is not None:
+            _say(f"recovery: {r.method}, {r.steps} steps of {r.batch_size} x {r.seqlen} tokens ...")
+        else:
+            d = rec.distill
+            _say(f"distillation: {d.steps} steps of {d.batch_size} x {d.seqlen} tokens ({d.precision}) ...")
 
-    m, rep = api.prune(m, rec, tokenizer=tok, after_prune=after_prune, device=device)
+    work = None
+    if rec.distill is not None:
+        work = out.parent / f".{out.name}.distill"
+        if rec.distill.iterations > 1:
+            _say(f"compress, then distil in {rec.distill.iterations} parts ({rec.distill.steps} steps in all) ...")
+    m, rep = api.prune(m, rec, tokenizer=tok, after_prune=after_prune, device=device, work_dir=work, resume=resume)
     if ref is not None:
         t0 = time.perf_counter()
         metrics, rep.generations = api.compare(m, tok, windows, ref)
         times["eval_s"] = time.perf_counter() - t0
+    if ood_ref is not None:
+        from prunekit.zoo.text import shared_ngrams
+
+        ood_metrics = api.compare(m, tok, ood_windows, ood_ref)[0]
+        metrics["ood"] = {"text": ood, **ood_metrics,
+                          "shared_13grams_with_training": shared_ngrams(load_text(train_text, "calibration"), load_text(ood, "evaluation"))}
+        if windows is not None:
+            metrics["shared_13grams_with_training"] = shared_ngrams(load_text(train_text, "calibration"), load_text(ev_text, "evaluation"))
     rep.times = {**times, **rep.times}
     rep.metrics = {**rep.metrics, **metrics}
     rep.source = str(Path(model).resolve()) if Path(model).is_dir() else model
 
     manifest = rep.to_dict()
     io.save(m, tok, out, manifest, overwrite=overwrite)
+    if work is not None and work.exists():
+        import shutil
+
+        shutil.rmtree(work)  # the result is written: its checkpoint is no longer needed
     if rec.structure is not None:
         from prunekit.structure import summary_lines
 
@@ -237,11 +298,21 @@ def prune(
         lines = rep.lines()
     for line in lines:
         print(line)
+    if rec.distill is not None:
+        d = rep.summary["distill"]
+        print(f"distilled: {d['steps']} steps ({d['parts']} part(s), {d['tokens']:,} tokens, {d['precision']}) in "
+              f"{d['seconds'] / 60:.1f} min, loss {d['loss_first']:.3f} -> {d['loss_last']:.3f}"
+              + (f"; resumed at step {d['resumed_at_step']}" if "resumed_at_step" in d else ""))
     if windows is not None:
         print(
             f"perplexity  dense {metrics['perplexity_dense']:.2f}  ->  pruned {metrics['perplexity']:.2f}  "
             f"(top-1 agreement with dense {metrics['agreement']:.3f}; {ev_text}, evaluation split)"
         )
+    if "ood" in metrics:
+        o = metrics["ood"]
+        print(f"out of domain: perplexity  dense {o['perplexity_dense']:.2f}  ->  pruned {o['perplexity']:.2f}  "
+              f"(top-1 agreement {o['agreement']:.3f}; {o['text']}, which the training never saw: "
+              f"{o['shared_13grams_with_training']} shared 13-grams)")
     if rec.structure is not None and rep.summary.get("format") == "prunekit":
         print(f"saved {out}  (not a stock {m.config.model_type} config: {rep.summary.get('format_reason')}; per-layer "
               f"sizes are in config.prunekit_layer_sizes, load with prunekit.load('{out}'), stock transformers refuses it)")
@@ -370,6 +441,7 @@ def recover(
     teacher: Annotated[Optional[str], typer.Option(help="distill: the dense model (default: the source in PRUNED's prunekit.json)")] = None,
     eval_text: Annotated[Optional[str], typer.Option(help="text for before/after perplexity (default: --text's evaluation split); 'none' skips")] = None,
     eval_windows: Annotated[int, typer.Option(help="evaluation windows of --seqlen tokens")] = 16,
+    ood_text: Annotated[Optional[str], typer.Option(help="a text the training never saw, also evaluated (default: pydoc after shakespeare, else shakespeare); 'none' skips")] = None,
     recipe: Annotated[Optional[Path], recipe_option("YAML/JSON recovery settings, or an LLM recipe whose recovery section is used; flags given here override it")] = None,
     overwrite: Overwrite = False,
     progress: Progress = True,
@@ -417,6 +489,21 @@ def recover(
         ev_text = rec.text if eval_text is None else eval_text
         if ev_text != "none":
             load_text(ev_text, "evaluation")
+        from prunekit.zoo.text import out_of_domain, shared_ngrams
+
+        ood = out_of_domain(rec.text) if ood_text is None else ood_text
+        ood = None if ood == "none" else ood
+        if ood is not None:
+            load_text(ood, "evaluation")
+        ref_name = teacher_name or (manifest or {}).get("source")  # the dense model, for top-1 agreement
+        if ref_name:
+            from prunekit.zoo.models import resolve_model
+
+            try:
+                resolve_model(ref_name)
+            except PruneError:
+                _say(f"the dense source {ref_name} named in prunekit.json is not here: no agreement is measured")
+                ref_name = None
 
         t0 = time.perf_counter()
         _say(f"loading {pruned} ...")
@@ -432,21 +519,54 @@ def recover(
         bos_token = resolve_bos(tok, bos)
         batches = calibration_batches(tokenize(tok, train_text), rec.samples, rec.seqlen, rec.seed,
                                       what=f"text {rec.text!r}", bos=bos_token)
-        windows = None if ev_text == "none" else _load_windows(tok, ev_text, "evaluation", rec.seqlen, eval_windows, bos_token)
+        sets = {}
+        if ev_text != "none":
+            sets[ev_text] = _load_windows(tok, ev_text, "evaluation", rec.seqlen, eval_windows, bos_token)
+        if ood is not None and ood not in sets:
+            sets[ood] = _load_windows(tok, ood, "evaluation", rec.seqlen, eval_windows, bos_token)
+        dense = {}
+        if ref_name and sets:
+            ref_model = t_model
+            if ref_model is None:
+                _say(f"loading the dense model {ref_name} for top-1 agreement ...")
+                ref_model, _ = io.load_any(ref_name, trust_remote_code)
+            dense = {name: api.reference(ref_model, tok, w, 0) for name, w in sets.items()}
+            del ref_model
+
+        def measure(model, when):
+            out = {}
+            for name, w in sets.items():
+                if name in dense:
+                    r = api.compare(model, tok, w, dense[name])[0]
+                    out[name] = {f"perplexity_{when}": r["perplexity"], f"agreement_{when}": r["agreement"],
+                                 "perplexity_dense": r["perplexity_dense"]}
+                else:
+                    out[name] = {f"perplexity_{when}": api.evaluate(model, w)["perplexity"]}
+            return out
 
         metrics = {}
-        if windows is not None:
+        by_text: dict[str, dict] = {name: {} for name in sets}
+        if sets:
             t0 = time.perf_counter()
-            _say(f"perplexity before recovery on {ev_text} ({windows.shape[0]} x {windows.shape[1]} tokens) ...")
-            metrics["perplexity_before"] = api.evaluate(m, windows)["perplexity"]
+            _say(f"before recovery on {', '.join(sets)} ({eval_windows} x {rec.seqlen} tokens each) ...")
+            for name, v in measure(m, "before").items():
+                by_text[name].update(v)
             times["eval_before_s"] = time.perf_counter() - t0
         _say(f"training: {rec.method}, {rec.steps} steps of {rec.batch_size} x {rec.seqlen} tokens, lr {rec.lr:g} ...")
         m, stats = run_recovery(m, rec, batches, teacher=t_model, structured=structured, progress=True)
         del t_model
-        if windows is not None:
+        if sets:
             t0 = time.perf_counter()
-            metrics["perplexity_after"] = api.evaluate(m, windows)["perplexity"]
+            for name, v in measure(m, "after").items():
+                by_text[name].update(v)
             times["eval_after_s"] = time.perf_counter() - t0
+        for name, v in by_text.items():
+            v["shared_13grams_with_training"] = shared_ngrams(train_text, load_text(name, "evaluation"))
+        if ev_text in by_text:
+            metrics.update(by_text[ev_text])
+        if ood in by_text:
+            metrics["ood"] = {"text": ood, **by_text[ood]}
+        windows = sets.get(ev_text)
 
         data = {k: v for k, v in (manifest or {}).items() if k != "versions"}
         data["recovery"] = {"input": pruned, "teacher": teacher_name, "recipe": rec.model_dump(), "bos": bos_token is not None, "stats": stats,
@@ -455,8 +575,12 @@ def recover(
         io.save(m, tok, out, data, overwrite=overwrite)
         print(f"recovery {rec.method}: {stats['steps']} steps in {stats['seconds']:.1f}s, {stats['trainable_params']:,} trainable "
               f"parameters, training loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f}")
-        if windows is not None:
-            print(f"perplexity  pruned {metrics['perplexity_before']:.2f}  ->  recovered {metrics['perplexity_after']:.2f}  ({ev_text}, evaluation split)")
+        for name, v in by_text.items():
+            agree = (f", top-1 agreement with the dense model {v['agreement_before']:.3f} -> {v['agreement_after']:.3f}"
+                     if "agreement_after" in v else "")
+            where = "evaluation split" if name == rec.text else f"out of domain, {v['shared_13grams_with_training']} shared 13-grams"
+            print(f"perplexity  pruned {v['perplexity_before']:.2f}  ->  recovered {v['perplexity_after']:.2f}"
+                  + (f" (dense {v['perplexity_dense']:.2f})" if "perplexity_dense" in v else "") + f"{agree}  ({name}, {where})")
         print(f"saved {out}  (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
     except KeyboardInterrupt:
         _say("interrupted; nothing was written")

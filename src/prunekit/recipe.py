@@ -54,7 +54,13 @@ class Calibration(Config):
     samples: int = Field(32, description="number of calibration sequences")
     seqlen: int = Field(256, description="tokens per calibration sequence")
     seed: int = 0
-    batch_size: int = Field(8, description="sequences per forward pass")
+    batch_size: int | Literal["all"] = Field(
+        8, description="sequences per forward pass; 'all': the whole calibration set in one pass per block when "
+        "memory allows (else the largest chunk that fits; the recorded recipe says what was used)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: the matrix products of the calibration forwards and statistics in bfloat16 with "
+        "fp32 sums (CPU: oneDNN implicit bf16; GPU: autocast); the solve and the weights stay fp32; much faster on "
+        "CPUs with AMX and on GPUs, selections differ slightly")
     mode: Literal["sequential", "one-pass"] = Field(
         "sequential",
         description="sequential: each block sees the pruned outputs of the blocks before it; one-pass: statistics "
@@ -69,9 +75,9 @@ class Calibration(Config):
 
     @field_validator("samples", "seqlen", "batch_size")
     @classmethod
-    def _positive(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError("must be a positive integer")
+    def _positive(cls, v: int | str) -> int | str:
+        if v != "all" and v <= 0:
+            raise ValueError("must be a positive integer (or 'all' for batch_size)")
         return v
 
 
@@ -129,6 +135,64 @@ class Recovery(Config):
         if not v > 0:
             raise ValueError(f"must be positive, got {v}")
         return v
+
+
+class Distill(Config):
+    """Compress, then distil (Minitron): every weight of the pruned model is trained towards the dense teacher.
+
+    loss = logit_weight * T^2 * KL(teacher || student) + hidden_weight * (normalized MSE of every kept block's
+    output against the teacher's block it came from, on the kept hidden channels) + lm_weight * next-token loss.
+    After sparsity pruning the zeros are kept (the masks are attached). With a structure section, iterations > 1
+    prunes the target in that many equal parts, each scored on the model distilled so far and followed by
+    steps / iterations steps (Minitron's iterative schedule); the last part reaches the exact target structure.
+    """
+
+    what = "distill"
+    steps: int = Field(200, description="optimizer steps in all (split evenly over the iterations)")
+    iterations: int = Field(1, description="structure only: prune the target in this many parts, distilling after each")
+    lr: float = Field(1e-4, description="peak AdamW learning rate (linear warmup over 10% of each part, cosine to 10%)")
+    batch_size: int = Field(4, description="sequences per step")
+    seqlen: int = Field(256, description="tokens per sequence")
+    samples: int = Field(2048, description="windows drawn from text's calibration split (never an evaluation split)")
+    text: str = Field("shakespeare", description="distillation text: shakespeare | pydoc | PATH.txt (its calibration split)")
+    temperature: float = 1.0
+    logit_weight: float = Field(1.0, description="weight of the KL term on the logits")
+    hidden_weight: float = Field(0.0, description="weight of the hidden-state term (block outputs, normalized MSE)")
+    lm_weight: float = Field(0.0, description="weight of the next-token loss on the text")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: the forward passes in bfloat16 autocast (weights and optimizer stay fp32; much "
+        "faster on CPUs with AMX and on GPUs), the teacher held in bfloat16")
+    checkpoint_every: int = Field(50, description="steps between resumable checkpoints (CLI: beside --out)")
+    seed: int = 0
+
+    @field_validator("steps", "iterations", "batch_size", "seqlen", "samples", "checkpoint_every")
+    @classmethod
+    def _positive_int(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"must be a positive integer, got {v}")
+        return v
+
+    @field_validator("lr", "temperature")
+    @classmethod
+    def _positive_float(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be positive, got {v}")
+        return v
+
+    @field_validator("logit_weight", "hidden_weight", "lm_weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"must be 0 or more, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> Distill:
+        if self.logit_weight == self.hidden_weight == self.lm_weight == 0:
+            raise ValueError("every loss weight is 0; give logit_weight, hidden_weight or lm_weight a positive value")
+        if self.steps < self.iterations:
+            raise ValueError(f"{self.steps} steps cannot be split over {self.iterations} iterations; give at least one step each")
+        return self
 
 
 class Structure(Config):
@@ -217,6 +281,8 @@ class Recipe(Config):
     calibration: Calibration = Field(default_factory=Calibration)
     recovery: Recovery | None = Field(None, description="optional training after pruning (masks kept)")
     structure: Structure | None = Field(None, description="structured pruning (heads, MLP channels, layers) instead of sparsity")
+    distill: Distill | None = Field(None, description="optional compress-then-distil: every weight trained towards the "
+                                    "dense teacher (after structure or sparsity pruning; zeros kept)")
 
     @field_validator("pattern")
     @classmethod
@@ -268,6 +334,12 @@ class Recipe(Config):
             raise ValueError(
                 f"allocation '{self.allocation.kind}' needs pattern 'unstructured' (N:M fixes every layer at N/M)"
             )
+        if self.distill is not None and self.recovery is not None:
+            raise ValueError("give a distill section or a recovery section, not both (distill trains every weight "
+                             "towards the dense teacher; recovery trains adapters)")
+        if self.distill is not None and self.distill.iterations > 1 and self.structure is None:
+            raise ValueError("distill.iterations > 1 splits a structure section into parts; sparsity pruning is done "
+                             "in one part (set iterations to 1)")
         if self.structure is not None:
             # fields of sparsity pruning given with other values than their defaults (a saved recipe repeats the
             # defaults, which is fine)

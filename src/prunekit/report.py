@@ -11,7 +11,7 @@ class Report:
     layers: dict[str, dict] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     times: dict[str, float] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # numbers, and per-text dicts (ood)
     source: str | None = None
     generations: list[dict] = field(default_factory=list)  # {"prompt", "dense", "pruned"}
 
@@ -39,7 +39,7 @@ class Report:
         if self.times:
             out.append("time  " + "  ".join(f"{k} {v:.1f}s" for k, v in self.times.items()))
         if self.metrics:
-            out.append("metrics  " + "  ".join(f"{k} {v:.3f}" for k, v in self.metrics.items()))
+            out.append("metrics  " + "  ".join(f"{k} {v:.3f}" for k, v in self.metrics.items() if isinstance(v, (int, float))))
         for g in self.generations:
             out.append(f"prompt  {g['prompt']!r}")
             out.append(f"  dense   {g['dense']!r}")

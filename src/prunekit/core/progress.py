@@ -30,3 +30,22 @@ def say(msg: str) -> None:
     """A status line on stderr (what a command is doing now), unless quiet."""
     if not _QUIET:
         print(msg, file=sys.stderr, flush=True)
+
+
+class hf_bars_off:
+    """``with hf_bars_off():`` transformers' own progress bars (saving, loading shards) stay hidden inside, e.g.
+    for a checkpoint written every few steps."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        if self._was:
+            hf_logging.enable_progress_bar()
+        return False

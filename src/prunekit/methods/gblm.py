@@ -16,7 +16,7 @@ from pydantic import Field
 from prunekit.checks import check_finite_tensor
 from prunekit.core.config import Config
 from prunekit.linear import weight_matrix
-from prunekit.core.masks import layer_keep_mask
+from prunekit.core.masks import layer_keep_mask, zero_removed_
 from prunekit.methods.base import METHODS, Method
 from prunekit.core.gradients import gradient_pass
 
@@ -71,7 +71,7 @@ class GBLM(Method):
         for i, w in enumerate(weights):
             keep = layer_keep_mask(self.scores(w, stat, names[i]), None if counts is None else w.numel() - counts[i],
                                    nm, group="row")
-            w.masked_fill_(~keep, 0.0)
+            zero_removed_(w, keep)
 
     def importance(self, weight, sqnorm, name):
         return self.scores(weight, sqnorm, name)

@@ -3,7 +3,7 @@ from one threshold over all target layers (see allocate.py)."""
 
 from __future__ import annotations
 
-from prunekit.core.masks import layer_keep_mask
+from prunekit.core.masks import layer_keep_mask, zero_removed_
 from prunekit.methods.base import METHODS, Method
 
 
@@ -15,7 +15,7 @@ class Magnitude(Method):
     def prune_group(self, weights, stat, counts, nm, names):
         for i, w in enumerate(weights):
             keep = layer_keep_mask(w.abs(), None if counts is None else w.numel() - counts[i], nm, group="layer")
-            w.masked_fill_(~keep, 0.0)
+            zero_removed_(w, keep)
 
     def importance(self, weight, sqnorm, name):
         return weight.abs()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.core.masks import layer_keep_mask
+from prunekit.core.masks import layer_keep_mask, zero_removed_
 from prunekit.methods.base import METHODS, Method
 
 
@@ -25,7 +25,7 @@ class Wanda(Method):
         for i, w in enumerate(weights):
             scores = self.scores(w, stat, names[i])
             keep = layer_keep_mask(scores, None if counts is None else w.numel() - counts[i], nm, group="row")
-            w.masked_fill_(~keep, 0.0)
+            zero_removed_(w, keep)
 
     def scores(self, w: torch.Tensor, sqnorm: torch.Tensor, name: str) -> torch.Tensor:
         return wanda_scores(w, sqnorm)

@@ -155,6 +155,7 @@ def prune_checkpoint(path: str | Path, out: str | Path, recipe=None, calibration
                                                      cal.seed, cal.bos)
     recipe = api._record_bos(model, recipe, calibration_batches,
                              getattr(tokenizer, "bos_token_id", None) if calibration_batches is not None else None)
+    recipe = api.resolve_chunks(model, recipe, calibration_batches, device)
     compress = None
     if format == "compressed-tensors":
         from prunekit.stream.export import Compressor

@@ -94,18 +94,20 @@ def _what(kind: str, units: Units) -> str:
     return "attention heads"
 
 
-def select(per_layer: list[Units | None], ratio: float, global_rank: bool, kind: str) -> list[list[int]]:
-    """Indices of the units removed in each layer."""
+def select(per_layer: list[Units | None], ratio: float, global_rank: bool, kind: str,
+           count: int | None = None) -> list[list[int]]:
+    """Indices of the units removed in each layer. ``count`` (a step of an iterative schedule) replaces the ratio:
+    the number of units each layer loses (uniform) or all layers together lose (global); 0 removes nothing."""
     layers = [i for i, u in enumerate(per_layer) if u is not None]
     removed: list[list[int]] = [[] for _ in per_layer]
-    if not layers:
+    if not layers or count == 0:
         return removed
     label = "attention head" if kind == "heads" else "MLP channel"
     if not global_rank:
         for i in layers:
             u = per_layer[i]
             n = u.scores.numel()
-            k = nearest_count(ratio, 1 / u.share)
+            k = nearest_count(ratio, 1 / u.share) if count is None else count
             if k >= n:
                 raise PruneError(
                     f"Ratio {ratio:g} removes every {label} of layer {i} ({n} {_what(kind, u)}, each "
@@ -131,7 +133,7 @@ def select(per_layer: list[Units | None], ratio: float, global_rank: bool, kind:
         owner += [(i, j) for j in range(s.numel())]
     z = torch.cat(zs)
     total = z.numel()
-    k = nearest_count(ratio, sum(1 / per_layer[i].share for i in layers))
+    k = nearest_count(ratio, sum(1 / per_layer[i].share for i in layers)) if count is None else count
     if k == 0:
         raise PruneError(f"Ratio {ratio:g} removes no {label} (the model has {total} {_what(kind, per_layer[layers[0]])}); use a larger --ratio.")
     if k > total - len(layers):

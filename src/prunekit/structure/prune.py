@@ -18,7 +18,7 @@ from prunekit.structure import hidden as hid
 from prunekit.structure import importance as imp
 from prunekit.structure.compensate import compensate, normalize_bias_flags
 from prunekit.structure.layers import greedy_sublayers, influences, lowest_blocks, lowest_sublayers, sublayer_candidates
-from prunekit.structure.plan import build_units, kept_heads, make_plan, removed_params, select
+from prunekit.structure.plan import build_units, kept_heads, make_plan, nearest_count, removed_params, select
 from prunekit.structure.saved import finalize_config, why_not_stock
 from prunekit.structure.shrink import (
     attention_removed,
@@ -101,12 +101,62 @@ def check(adapter: Adapter, model: nn.Module, st: Structure) -> None:
             select(build_units(adapter, model, zeros, kind, "random", st.gqa), st.sparsity, st.global_rank, kind)
 
 
+AMOUNT_KINDS = ("layers", "sublayers", "heads", "mlp", "hidden")
+
+
+def target_amounts(adapter: Adapter, model: nn.Module, st: Structure) -> dict[str, int]:
+    """What ``st`` removes from ``model`` in one shot, as counts: whole ``layers`` / ``sublayers``, ``hidden``
+    channels, and for ``heads`` / ``mlp`` the units each layer loses (uniform) or all layers lose together
+    (global rank). An iterative schedule splits these counts into parts (:func:`split_amounts`)."""
+    check(adapter, model, st)
+    out = {"layers": st.remove_layers, "sublayers": st.remove_sublayers, "heads": 0, "mlp": 0, "hidden": 0}
+    if "hidden" in st.kinds:
+        out["hidden"] = hid.check_hidden(adapter, model, st.sparsity)
+    if st.width_kinds:
+        sizes = layer_sizes(adapter, model)
+        if any(s != sizes[0] for s in sizes):
+            raise PruneError("An iterative schedule needs every block of the source model to have the same sizes; "
+                             "prune this model in one part (distill iterations 1).")
+        if st.remove_sublayers:
+            raise PruneError("An iterative schedule cannot split sublayer removal together with heads or MLP "
+                             "pruning (which blocks keep attention is decided on the way); use remove_layers, or "
+                             "one part (distill iterations 1).")
+        zeros = _zero_scores(adapter, model)
+        kept_blocks = len(zeros) - st.remove_layers
+        for kind in st.width_kinds:
+            units = build_units(adapter, model, zeros, kind, "random", st.gqa)
+            if st.global_rank:  # as one shot would: over the blocks left after the depth step
+                out[kind] = nearest_count(st.sparsity, kept_blocks / units[0].share)
+            else:
+                out[kind] = len(select(units, st.sparsity, False, kind)[0])
+    return out
+
+
+def split_amounts(target: dict[str, int], parts: int) -> list[dict[str, int]]:
+    """``target`` in ``parts`` steps whose sums are exactly ``target``: step j removes round(t j / parts) -
+    round(t (j - 1) / parts) (halves rounded up)."""
+    def cum(t: int, j: int) -> int:
+        return (2 * t * j + parts) // (2 * parts)
+
+    return [{k: cum(t, j) - cum(t, j - 1) for k, t in target.items()} for j in range(1, parts + 1)]
+
+
 def prune_structured(
-    model: nn.Module, recipe: Recipe, calibration_batches: torch.Tensor | None = None, *, device: str = "cpu", progress: bool = True
+    model: nn.Module, recipe: Recipe, calibration_batches: torch.Tensor | None = None, *, device: str = "cpu",
+    progress: bool = True, amounts: dict[str, int] | None = None,
 ) -> tuple[nn.Module, Report]:
+    """Remove what ``recipe.structure`` says; ``amounts`` (one step of an iterative schedule, see
+    :func:`target_amounts`) replaces its sizes by counts, scored and selected the same way. The report's summary
+    says which blocks went (``removed_layers``, indices before the removal) and, for hidden pruning, the kept
+    residual channels (``hidden_kept``), so a caller can map the result back to the source model."""
     st = recipe.structure
     adapter = adapter_for(model)
-    check(adapter, model, st)
+    if amounts is None:
+        check(adapter, model, st)
+    else:
+        adapter.require_layout()
+        st = st.model_copy(update={"remove_layers": amounts.get("layers", 0), "remove_sublayers": amounts.get("sublayers", 0),
+                                   "kinds": [k for k in st.kinds if amounts.get(k, 0)]})
     if st.needs_data:
         if calibration_batches is None:
             raise PruneError("This structured pruning needs calibration data; pass calibration_batches (token ids).")
@@ -157,13 +207,15 @@ def prune_structured(
     # ---- width
     if st.width_kinds:
         t0 = time.perf_counter()
-        check(adapter, model, Structure(kinds=st.width_kinds, sparsity=st.sparsity, gqa=st.gqa, global_rank=st.global_rank))
+        if amounts is None:
+            check(adapter, model, Structure(kinds=st.width_kinds, sparsity=st.sparsity, gqa=st.gqa, global_rank=st.global_rank))
         stats = None
         if st.criterion == "fluctuation" or st.bias_compensation:
             stats = imp.collect_meanvar(adapter, model, calibration_batches, bs, device, progress)
         scores = scores_for(adapter, model, st, calibration_batches, stats, bs, progress)
         units = {k: build_units(adapter, model, scores, k, st.criterion, st.gqa) for k in st.width_kinds}
-        removed = {k: select(units[k], st.sparsity, st.global_rank, k) for k in st.width_kinds}
+        removed = {k: select(units[k], st.sparsity, st.global_rank, k, None if amounts is None else amounts[k])
+                   for k in st.width_kinds}
         plan = make_plan(adapter, model, units, removed)
         expected -= removed_params(adapter, model, plan)
         times["score_s"] = time.perf_counter() - t0
@@ -194,13 +246,14 @@ def prune_structured(
     # ---- hidden size (after heads/MLP, scored on the model as it now is)
     if "hidden" in st.kinds:
         t0 = time.perf_counter()
-        n = hid.check_hidden(adapter, model, st.sparsity)
         d = model.config.hidden_size
+        n = hid.check_hidden(adapter, model, st.sparsity if amounts is None else amounts["hidden"] / d)
         sc = hid.scores(adapter, model, st.criterion, calibration_batches, bs, st.seed, progress)
         keep = sorted(torch.argsort(sc, descending=True, stable=True)[: d - n].tolist())
         expected -= hid.removed_params(adapter, model, n)
         hid.shrink_hidden(adapter, model, keep)
         summary["hidden_removed"] = f"{n}/{d}"
+        summary["hidden_kept"] = keep
         times["hidden_s"] = time.perf_counter() - t0
 
     reason = why_not_stock(adapter, model)  # before finalize_config writes the new sizes

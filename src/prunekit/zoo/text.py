@@ -8,11 +8,16 @@ play and poem. First Folio spellings (``*_f.txt``) are never used, since they re
 of topics (sorted by name) calibrate, the last 20% evaluate.
 
 A path to a ``.txt`` file: the first 80% of its characters calibrate, the last 20% evaluate.
+
+Training (calibration, recovery, distillation) only ever reads a calibration split. :func:`out_of_domain` names
+the text a recovery report also evaluates on (one the training never saw), and :func:`shared_ngrams` measures
+what a training text and an evaluation text have in common (13-word n-grams, the contamination test of GPT-3).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -77,3 +82,23 @@ def load_text(name: str, split: Split = "all") -> str:
             text = raw.decode("latin-1")
         return _split_chars(text, split)
     raise PruneError(f"Unknown text {name!r}; use 'shakespeare', 'pydoc' or the path of a .txt file.")
+
+
+OUT_OF_DOMAIN = {"shakespeare": "pydoc", "pydoc": "shakespeare"}
+
+
+def out_of_domain(text: str) -> str:
+    """The text a model trained on ``text`` is also evaluated on, one it never saw: pydoc for shakespeare,
+    shakespeare for pydoc and for any file."""
+    return OUT_OF_DOMAIN.get(text, "shakespeare")
+
+
+def _ngrams(text: str, n: int) -> set[int]:
+    words = re.findall(r"\w+", text.lower())
+    return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
+
+
+def shared_ngrams(train: str, evaluation: str, n: int = 13) -> int:
+    """How many distinct ``n``-word sequences (lower case, punctuation ignored) of ``evaluation`` also occur in
+    ``train``; 0 means no passage of the evaluation text was seen in training."""
+    return len(_ngrams(evaluation, n) & _ngrams(train, n))
