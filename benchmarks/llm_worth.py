@@ -166,7 +166,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=1)
     ap.add_argument("--hidden-weight", type=float, default=0.0)
     ap.add_argument("--lm-weight", type=float, default=0.0)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--tag", default="", help="suffix of the row name (variants of one config)")
@@ -221,12 +221,12 @@ def main() -> None:
                        "seqlen": seqlen, "samples": 4096, "text": "shakespeare", "precision": args.precision, "seed": 1}
             if args.minutes and not args.steps:  # steps from the measured step time of this config
                 probe = copy.deepcopy(model)
-                t0 = time.perf_counter()
-                prunekit.prune(probe, {**base, "distill": {**distill, "steps": 3, "iterations": 1}}, calib, tokenizer=tok,
-                               progress=False)
-                per = (time.perf_counter() - t0) / 3  # pessimistic: includes the pruning
+                n = 6
+                _, prep = prunekit.prune(probe, {**base, "distill": {**distill, "steps": n, "iterations": 1}}, calib,
+                                         tokenizer=tok, progress=False)
+                per = prep.summary["distill"]["seconds"] / n  # the distillation steps only (first ones included)
                 distill["steps"] = max(args.iterations, int(args.minutes * 60 / per))
-                print(f"{name}: {per:.2f} s per step (pruning included) -> {distill['steps']} steps", flush=True)
+                print(f"{name}: {per:.2f} s per distillation step -> {distill['steps']} steps", flush=True)
                 del probe
         recipe = {**base, **({"distill": distill} if distill else {})}
         t0 = time.perf_counter()

@@ -267,7 +267,12 @@ def prune(
         work = out.parent / f".{out.name}.distill"
         if rec.distill.iterations > 1:
             _say(f"compress, then distil in {rec.distill.iterations} parts ({rec.distill.steps} steps in all) ...")
-    m, rep = api.prune(m, rec, tokenizer=tok, after_prune=after_prune, device=device, work_dir=work, resume=resume)
+    try:
+        m, rep = api.prune(m, rec, tokenizer=tok, after_prune=after_prune, device=device, work_dir=work, resume=resume)
+    except KeyboardInterrupt:
+        if work is not None and (work / "checkpoint" / "state.json").is_file():
+            _say(f"the distillation checkpoint in {work} is kept: run the same command with --resume to continue")
+        raise
     if ref is not None:
         t0 = time.perf_counter()
         metrics, rep.generations = api.compare(m, tok, windows, ref)
@@ -275,11 +280,14 @@ def prune(
     if ood_ref is not None:
         from prunekit.zoo.text import shared_ngrams
 
+        # what the run trained and calibrated on: the training text, and the calibration text when data was read
+        seen = load_text(train_text, "calibration")
+        if rec.needs_data and c.text and c.text != train_text:
+            seen += "\n" + load_text(c.text, "calibration")
         ood_metrics = api.compare(m, tok, ood_windows, ood_ref)[0]
-        metrics["ood"] = {"text": ood, **ood_metrics,
-                          "shared_13grams_with_training": shared_ngrams(load_text(train_text, "calibration"), load_text(ood, "evaluation"))}
+        metrics["ood"] = {"text": ood, **ood_metrics, "shared_13grams_with_training": shared_ngrams(seen, load_text(ood, "evaluation"))}
         if windows is not None:
-            metrics["shared_13grams_with_training"] = shared_ngrams(load_text(train_text, "calibration"), load_text(ev_text, "evaluation"))
+            metrics["shared_13grams_with_training"] = shared_ngrams(seen, load_text(ev_text, "evaluation"))
     rep.times = {**times, **rep.times}
     rep.metrics = {**rep.metrics, **metrics}
     rep.source = str(Path(model).resolve()) if Path(model).is_dir() else model
@@ -560,8 +568,15 @@ def recover(
             for name, v in measure(m, "after").items():
                 by_text[name].update(v)
             times["eval_after_s"] = time.perf_counter() - t0
+        seen = train_text  # the recovery text, and the text the pruning calibrated on when its record says
+        cal_text = (((manifest or {}).get("recipe") or {}).get("calibration") or {}).get("text")
+        if cal_text and cal_text != rec.text:
+            try:
+                seen += "\n" + load_text(cal_text, "calibration")
+            except PruneError:
+                pass
         for name, v in by_text.items():
-            v["shared_13grams_with_training"] = shared_ngrams(train_text, load_text(name, "evaluation"))
+            v["shared_13grams_with_training"] = shared_ngrams(seen, load_text(name, "evaluation"))
         if ev_text in by_text:
             metrics.update(by_text[ev_text])
         if ood in by_text:

@@ -48,6 +48,30 @@ def _unit(v: float) -> float:
 Fraction = Annotated[float, AfterValidator(_unit)]  # a share in [0, 1] (a density, a loss weight)
 
 
+def _positive_int(v: int) -> int:
+    if v <= 0:
+        raise ValueError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _positive(v: float) -> float:
+    if not v > 0:
+        raise ValueError(f"must be positive, got {v}")
+    return v
+
+
+def _not_negative(v):
+    if v < 0:
+        raise ValueError(f"must be 0 or more, got {v}")
+    return v
+
+
+PositiveInt = Annotated[int, AfterValidator(_positive_int)]  # steps, sizes, counts of things that must exist
+Positive = Annotated[float, AfterValidator(_positive)]  # learning rates, temperatures
+Count = Annotated[int, AfterValidator(_not_negative)]  # how many of something to remove (0: none)
+Weight = Annotated[float, AfterValidator(_not_negative)]  # a loss weight (0: the term is off)
+
+
 class Calibration(Config):
     what = "calibration"
     text: str | None = Field("shakespeare", description="the text windows are drawn from (None: token ids were given)")
@@ -110,31 +134,17 @@ class Recovery(Config):
 
     what = "recovery"
     method: Annotated[str, registered("prunekit.train.recovery", "RECOVERY_METHODS")] = "perp"
-    steps: int = 100
-    lr: float = 2e-4
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
+    steps: PositiveInt = 100
+    lr: Positive = 2e-4
+    lora_rank: PositiveInt = 8
+    lora_alpha: Positive = 16.0
     text: str = "shakespeare"
-    samples: int = 128
-    seqlen: int = 256
-    batch_size: int = 4
+    samples: PositiveInt = 128
+    seqlen: PositiveInt = 256
+    batch_size: PositiveInt = 4
     distill_weight: Fraction = 0.5
-    temperature: float = 1.0
+    temperature: Positive = 1.0
     seed: int = 0
-
-    @field_validator("steps", "lora_rank", "samples", "seqlen", "batch_size")
-    @classmethod
-    def _positive_int(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError(f"must be a positive integer, got {v}")
-        return v
-
-    @field_validator("lr", "temperature", "lora_alpha")
-    @classmethod
-    def _positive_float(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError(f"must be positive, got {v}")
-        return v
 
 
 class Distill(Config):
@@ -148,43 +158,22 @@ class Distill(Config):
     """
 
     what = "distill"
-    steps: int = Field(200, description="optimizer steps in all (split evenly over the iterations)")
-    iterations: int = Field(1, description="structure only: prune the target in this many parts, distilling after each")
-    lr: float = Field(1e-4, description="peak AdamW learning rate (linear warmup over 10% of each part, cosine to 10%)")
-    batch_size: int = Field(4, description="sequences per step")
-    seqlen: int = Field(256, description="tokens per sequence")
-    samples: int = Field(2048, description="windows drawn from text's calibration split (never an evaluation split)")
+    steps: PositiveInt = Field(200, description="optimizer steps in all (split evenly over the iterations)")
+    iterations: PositiveInt = Field(1, description="structure only: prune the target in this many parts, distilling after each")
+    lr: Positive = Field(3e-4, description="peak AdamW learning rate (linear warmup over 10% of each part, cosine to 10%)")
+    batch_size: PositiveInt = Field(4, description="sequences per step")
+    seqlen: PositiveInt = Field(256, description="tokens per sequence")
+    samples: PositiveInt = Field(2048, description="windows drawn from text's calibration split (never an evaluation split)")
     text: str = Field("shakespeare", description="distillation text: shakespeare | pydoc | PATH.txt (its calibration split)")
-    temperature: float = 1.0
-    logit_weight: float = Field(1.0, description="weight of the KL term on the logits")
-    hidden_weight: float = Field(0.0, description="weight of the hidden-state term (block outputs, normalized MSE)")
-    lm_weight: float = Field(0.0, description="weight of the next-token loss on the text")
+    temperature: Positive = 1.0
+    logit_weight: Weight = Field(1.0, description="weight of the KL term on the logits")
+    hidden_weight: Weight = Field(0.0, description="weight of the hidden-state term (block outputs, normalized MSE)")
+    lm_weight: Weight = Field(0.0, description="weight of the next-token loss on the text")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: the forward passes in bfloat16 autocast (weights and optimizer stay fp32; much "
         "faster on CPUs with AMX and on GPUs), the teacher held in bfloat16")
-    checkpoint_every: int = Field(50, description="steps between resumable checkpoints (CLI: beside --out)")
+    checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints (CLI: beside --out)")
     seed: int = 0
-
-    @field_validator("steps", "iterations", "batch_size", "seqlen", "samples", "checkpoint_every")
-    @classmethod
-    def _positive_int(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError(f"must be a positive integer, got {v}")
-        return v
-
-    @field_validator("lr", "temperature")
-    @classmethod
-    def _positive_float(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError(f"must be positive, got {v}")
-        return v
-
-    @field_validator("logit_weight", "hidden_weight", "lm_weight")
-    @classmethod
-    def _weight(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError(f"must be 0 or more, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _some_loss(self) -> Distill:
@@ -216,19 +205,12 @@ class Structure(Config):
     gqa: Literal["query", "kv"] = Field(
         "query", description="with GQA: remove one query head in every kv group (query) or whole kv groups (kv)"
     )
-    remove_layers: int = Field(0, description="whole decoder blocks removed, lowest block influence first")
-    remove_sublayers: int = Field(0, description="attention / MLP sublayers removed")
+    remove_layers: Count = Field(0, description="whole decoder blocks removed, lowest block influence first")
+    remove_sublayers: Count = Field(0, description="attention / MLP sublayers removed")
     sublayer_method: Literal["influence", "greedy"] = Field(
         "influence", description="influence: one pass, 1 - cos over each sublayer; greedy: FinerCut, least output change"
     )
     seed: int = Field(0, description="seed of the random criterion")
-
-    @field_validator("remove_layers", "remove_sublayers")
-    @classmethod
-    def _count(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"must be 0 or more, got {v}")
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> Structure:

@@ -69,12 +69,14 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return _KD.apply(student, teacher.detach(), float(temperature))
 
 
-def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9):
-    """``sgd`` (Nesterov momentum, the vision recipes) or ``adamw``."""
+def make_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, fused: bool = False):
+    """``sgd`` (Nesterov momentum, the vision recipes) or ``adamw``; ``fused``: torch's fused AdamW kernel (about 6x
+    faster per step on a CPU for a 135M model; rounds differently from the default, so families whose figures are
+    published keep the default)."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     raise PruneError(f"Unknown optimizer {name!r}; choose sgd or adamw.")
 
 

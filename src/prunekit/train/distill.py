@@ -302,7 +302,7 @@ def distill_part(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg:
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    opt = make_optimizer(params, "adamw", cfg.lr, weight_decay=0.0)
+    opt = make_optimizer(params, "adamw", cfg.lr, weight_decay=0.0, fused=True)
     sched = make_schedule(opt, "warmup-cosine", steps, warmup=max(1, round(WARMUP_FRACTION * steps)), min_factor=MIN_LR_FACTOR)
     if done:
         with warnings.catch_warnings():  # stepping the schedule to where the run was, before the optimizer steps
