@@ -30,6 +30,7 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+_FAMILIES = ("tokens", "structure", "vision", "data", "stream", "train")  # ``prunekit.tokens.apply`` after ``import prunekit``
 
 
 def __getattr__(name: str):
@@ -37,6 +38,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
+    if name in _FAMILIES:
+        return importlib.import_module(f"prunekit.{name}")
     raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
 
 

