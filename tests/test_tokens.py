@@ -411,3 +411,51 @@ def test_a_disabled_handle_runs_the_stock_model():
         h.enabled = True
         assert torch.equal(m(pixel_values=x).logits, on) and h.tokens[-1] < 65
         h.remove()
+
+
+@pytest.mark.parametrize("t", [6, 7, 12, 13])
+def test_row_map_follows_every_row_through_the_merge(t):
+    # reference: merge a one-hot matrix of the original rows; column i is 1 in the row that holds row i
+    torch.manual_seed(t)
+    keys = torch.randn(3, t, 8)
+    st = M.TokenState.start(3, t, protected=torch.eye(1, t, dtype=torch.bool).expand(3, -1), trace=True)
+    m = M.bipartite_soft_matching(keys, t // 3, st)
+    onehot = m.apply(torch.eye(t).expand(3, -1, -1), "sum")
+    assert torch.equal(m.row_map(), onehot.argmax(1))
+    # the one-pass size-weighted average (sizes riding along as a channel) equals the two-pass one
+    x = torch.randn(3, t, 5)
+    st.size = torch.rand(3, t, 1) + 0.5
+    one, new = m.wavg(x, st)
+    two = m.apply(x * st.size, "sum") / m.apply(st.size, "sum")
+    assert torch.allclose(one, two, atol=1e-6) and torch.allclose(new.size, m.apply(st.size, "sum"))
+    assert torch.equal(new.protected, m.apply(st.protected.to(torch.uint8), "amax").bool())
+
+
+def test_chunked_early_stopped_power_iteration_equals_the_plain_one():
+    torch.manual_seed(0)
+    a = torch.rand(10, 9, 9).softmax(-1)
+    v = torch.ones(10, 9)
+    v[3, 5:] = 0.0
+    s0 = v / v.sum(-1, keepdim=True)
+    plain = s0.clone()
+    for _ in range(40):
+        plain = torch.einsum("bij,bi->bj", a, plain) * v
+    from prunekit.tokens.methods import power_iteration
+
+    chunked = power_iteration(a, s0, v, 40, chunk_bytes=9 * 9 * 4 * 3)  # 3 graphs per chunk, 4 chunks
+    assert torch.allclose(chunked, plain, atol=1e-6)
+    early = power_iteration(a, s0, v, 40, tol=1e-7, chunk_bytes=9 * 9 * 4 * 3)
+    assert torch.allclose(early, plain, atol=1e-6)
+
+
+def test_every_dropping_method_prunes_at_the_same_depths():
+    """A fair comparison: the baselines drop at the same layers and counts as Zero-TPrune (EViT's L/4, L/2, 3L/4)."""
+    model, x = tiny_vit(layers=8), torch.randn(2, 1, 32, 32)
+    seen = {}
+    with torch.no_grad():
+        for method in ("zero-tprune", "cls-attention", "random"):
+            with PT.apply(model, {"method": method, "keep": 0.5}) as h:
+                model(pixel_values=x)
+                seen[method] = h.tokens
+    assert seen["random"] == seen["zero-tprune"] == seen["cls-attention"]
+    assert [i for i in range(1, 8) if seen["random"][i] < seen["random"][i - 1]] == [3, 5, 7]

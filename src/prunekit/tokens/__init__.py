@@ -53,8 +53,8 @@ def check(recipe, n_layers: int, tokens: int | None = None) -> TokenRecipe:
     per-layer ``r`` above half the tokens of the first reducing layer, or ``layers`` the model lacks, is one
     sentence."""
     rec = _recipe(recipe)
-    needs_probs = bool(METHODS.get(rec.method).meta.get("needs_probs"))  # True or "cls"
-    removals = plan(rec, n_layers, tokens or 2, needs_probs)  # also checks layers
+    drops = not METHODS.get(rec.method).meta.get("merges")
+    removals = plan(rec, n_layers, tokens or 2, drops)  # also checks layers
     if tokens is not None and rec.r is not None:
         first = next((n for n in removals if n > 0), 0)
         if first > tokens // 2:

@@ -23,6 +23,15 @@ class TokenState:
     valid: torch.Tensor  # (B, T) bool: False for padding
     protected: torch.Tensor  # (B, T) bool: never merged or dropped
     where: torch.Tensor | None = None  # (B, T0) long: the row holding each original position, -1 dropped
+    padded: bool | None = None  # any padding (None: read from ``valid``); False lets the hot path skip its masks
+    dropped: bool = False  # a pruning method dropped tokens (``where`` may hold -1)
+    n_protected: int | None = None  # the most protected rows in any batch row (None: read from ``protected``)
+
+    def __post_init__(self):
+        if self.padded is None:
+            self.padded = not bool(self.valid.all())
+        if self.n_protected is None:
+            self.n_protected = int(self.protected.sum(-1).max()) if self.protected.numel() else 0
 
     @classmethod
     def start(cls, batch: int, tokens: int, *, valid=None, protected=None, trace: bool = False, device=None,
@@ -47,6 +56,8 @@ class TokenState:
         """``where`` after the rows moved by ``row_map`` (B, T): old row -> new row (-1: dropped)."""
         if self.where is None:
             return None
+        if not self.dropped:
+            return row_map.gather(1, self.where)
         new = row_map.gather(1, self.where.clamp_min(0))
         return torch.where(self.where < 0, -1, new)
 
@@ -60,7 +71,7 @@ class TokenState:
         b = None
         if proportional:
             b = self.size[..., 0].log()
-        if not bool(self.valid.all()):
+        if self.padded:
             pad = torch.zeros(self.valid.shape, dtype=self.size.dtype, device=self.size.device)
             pad.masked_fill_(~self.valid, torch.finfo(self.size.dtype).min)
             b = pad if b is None else b + pad
@@ -88,33 +99,49 @@ class Merge:
 
     def apply(self, x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
         a, b = x[:, ::2], x[:, 1::2]
+        if x.dim() == 3:  # the hot path: one expanded index per tensor
+            c = x.shape[-1]
+            unm = a.gather(1, self.unm_idx[..., None].expand(-1, -1, c))
+            idx = self.src_idx[..., None].expand(-1, -1, c)
+            src = a.gather(1, idx)
+            b = b.scatter_reduce(1, self.dst_idx[..., None].expand(-1, -1, c), src, reduce=reduce, include_self=True)
+            return torch.cat([unm, b], 1)
         unm = _gather_rows(a, self.unm_idx)
         src = _gather_rows(a, self.src_idx)
         idx = self.dst_idx.reshape(*self.dst_idx.shape, *([1] * (x.dim() - 2))).expand(src.shape)
         b = b.scatter_reduce(1, idx, src, reduce=reduce, include_self=True)
         return torch.cat([unm, b], 1)
 
+    def follow(self, flags: torch.Tensor) -> torch.Tensor:
+        """A per-row flag (B, T) after the merge, for flags a merge never mixes (padding merges only into padding,
+        protected rows never merge): the unmerged A rows' own, then B's."""
+        return torch.cat([flags[:, ::2].gather(1, self.unm_idx), flags[:, 1::2]], 1)
+
     def row_map(self) -> torch.Tensor:
         """(B, T): the output row of every input row."""
         b, n_unm = self.unm_idx.shape
-        tb = self.t // 2
+        ta, tb = (self.t + 1) // 2, self.t // 2
         dev = self.unm_idx.device
-        out = torch.empty(b, self.t, dtype=torch.long, device=dev)
-        a_map = torch.empty(b, (self.t + 1) // 2, dtype=torch.long, device=dev)
-        a_map.scatter_(1, self.unm_idx, torch.arange(n_unm, device=dev).expand(b, -1))
-        a_map.scatter_(1, self.src_idx, n_unm + self.dst_idx)
-        out[:, ::2] = a_map
-        out[:, 1::2] = n_unm + torch.arange(tb, device=dev)
-        return out
+        a_map = torch.empty(b, ta, dtype=torch.long, device=dev)
+        a_map.scatter_(1, torch.cat([self.unm_idx, self.src_idx], 1),
+                       torch.cat([torch.arange(n_unm, device=dev).expand(b, -1), self.dst_idx + n_unm], 1))
+        b_map = torch.arange(n_unm, n_unm + tb, device=dev).expand(b, -1)
+        if ta == tb:
+            return torch.stack([a_map, b_map], -1).reshape(b, self.t)
+        return torch.cat([torch.stack([a_map[:, :tb], b_map], -1).reshape(b, 2 * tb), a_map[:, tb:]], 1)
 
-    def state(self, st: TokenState) -> TokenState:
-        flag = lambda m: self.apply(m.to(torch.uint8), "amax").bool()  # noqa: E731
-        size = self.apply(st.size, "sum")
-        valid = flag(st.valid) if not bool(st.valid.all()) else st.valid[:, : size.shape[1]]
-        return TokenState(size, valid, flag(st.protected), st.moved(self.row_map()))
+    def state(self, st: TokenState, size: torch.Tensor | None = None) -> TokenState:
+        size = self.apply(st.size, "sum") if size is None else size
+        valid = self.follow(st.valid) if st.padded else st.valid[:, : size.shape[1]]
+        where = None if st.where is None else st.moved(self.row_map())
+        return TokenState(size, valid, self.follow(st.protected), where, st.padded, st.dropped, st.n_protected)
 
     def wavg(self, x: torch.Tensor, st: TokenState) -> tuple[torch.Tensor, TokenState]:
         """Size-weighted average of the merged rows of ``x`` and the state after the merge."""
+        if x.dtype == st.size.dtype and x.dim() == 3:  # one pass: the sizes ride along as the last channel
+            out = self.apply(torch.cat([x * st.size, st.size], -1), "sum")
+            size = out[..., -1:]
+            return out[..., :-1] / size, self.state(st, size.contiguous())
         new = self.state(st)
         merged = self.apply(x * st.size.to(x.dtype), "sum") / new.size.to(x.dtype)
         return merged, new
@@ -139,24 +166,33 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, st: TokenState | None 
         return None
     with torch.no_grad():
         m = metric.float()
-        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        m = m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(1e-12)
         scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)
+        limited = True
         if st is not None:
-            v = st.valid
-            # padding merges only into padding, and only after every real edge (a padded row merges its real
-            # tokens as it would alone)
-            scores.masked_fill_(~v[:, ::2, None] & ~v[:, None, 1::2], -2.0)
-            scores.masked_fill_(v[:, ::2, None] != v[:, None, 1::2], NEG)
+            if st.padded:
+                v = st.valid
+                # padding merges only into padding, and only after every real edge (a padded row merges its real
+                # tokens as it would alone)
+                scores.masked_fill_(~v[:, ::2, None] & ~v[:, None, 1::2], -2.0)
+                scores.masked_fill_(v[:, ::2, None] != v[:, None, 1::2], NEG)
             p = st.protected
-            scores.masked_fill_(p[:, ::2, None] | p[:, None, 1::2], NEG)
+            scores.masked_fill_(p[:, ::2, None], NEG)
+            scores.masked_fill_(p[:, None, 1::2], NEG)
+            # without padding, every unprotected A token has an edge when an unprotected B token exists
+            if not st.padded and per_row is None:
+                limited = not (r + st.n_protected <= scores.shape[1] and st.n_protected < scores.shape[2])
+        else:
+            limited = False
         node_max, node_idx = scores.max(dim=-1)
         if per_row is not None and st is not None:
             real = node_max > -1.5  # a real A token with a real partner (padding pairs score -2)
             node_max = _demote_beyond(node_max, real, per_row.to(node_max.device), -3.0)
-        allowed = int((node_max > NEG).sum(-1).min())
-        r = min(r, allowed)
-        if r <= 0:
-            return None
+        if limited:
+            allowed = int((node_max > NEG).sum(-1).min())
+            r = min(r, allowed)
+            if r <= 0:
+                return None
         order = node_max.argsort(dim=-1, descending=True, stable=True)
         src_idx = order[:, :r]
         unm_idx = order[:, r:].sort(dim=-1).values
@@ -176,7 +212,7 @@ def keep_state(st: TokenState, keep_idx: torch.Tensor) -> TokenState:
         row_map.scatter_(1, keep_idx, torch.arange(k, device=keep_idx.device).expand(b, -1))
         where = st.moved(row_map)
     return TokenState(keep_rows(st.size, keep_idx), keep_rows(st.valid, keep_idx), keep_rows(st.protected, keep_idx),
-                      where)
+                      where, st.padded, True, st.n_protected)
 
 
 def keep_top(scores: torch.Tensor, n_remove: int, st: TokenState,

@@ -64,6 +64,9 @@ def cls_attention(step: Step):
     return _drop(step, M.keep_top(M.cls_attention(step.probs), step.n, step.state, step.rows))
 
 
+TOL = 1e-6  # PageRank stops once no head's scores move by more than this (L1; the scores sum to 1)
+
+
 def iterations_for(layer: int, layers: int, setting) -> int:
     """Zero-TPrune's PageRank steps: ``auto`` = 30 in the first three layers, 1 in the last three, 5 between."""
     if setting != "auto":
@@ -75,11 +78,33 @@ def iterations_for(layer: int, layers: int, setting) -> int:
     return 5
 
 
+def power_iteration(a: torch.Tensor, s: torch.Tensor, v: torch.Tensor, iterations: int, tol: float = 0.0,
+                    chunk_bytes: int = 16 << 20) -> torch.Tensor:
+    """``iterations`` steps of s <- (A^T s) * v for each of the N graphs a (N, T, T), s and v (N, T); stops early
+    once no graph's scores move by more than ``tol`` (L1; 0: never). Works on chunks of about ``chunk_bytes`` so
+    each chunk's matrices stay in cache across the iterations (one pass over memory instead of one per step)."""
+    n, t, _ = a.shape
+    per = max(1, chunk_bytes // max(1, t * t * a.element_size()))
+    out = []
+    for i in range(0, n, per):
+        ai, si, vi = a[i:i + per], s[i:i + per, None, :], v[i:i + per, None, :]
+        for _ in range(int(iterations)):
+            new = torch.bmm(si, ai) * vi
+            done = tol > 0 and float((new - si).abs().sum(-1).max()) <= tol
+            si = new
+            if done:
+                break
+        out.append(si[:, 0])
+    return torch.cat(out)
+
+
 def wpr_importance(probs: torch.Tensor, state: M.TokenState, iterations: int,
-                   head_variance: tuple[float, float] = (0.01, 0.7), alive: torch.Tensor | None = None) -> torch.Tensor:
+                   head_variance: tuple[float, float] = (0.01, 0.7), alive: torch.Tensor | None = None,
+                   tol: float = 0.0) -> torch.Tensor:
     """Zero-TPrune's I-stage: weighted PageRank per head (the class token, when protected at position 0, starts
     sqrt(T) times the others), the heads whose (T-normalised) score variance lies in ``head_variance`` kept (all
-    heads when none is), combined by root mean square (emphasis on informative regions). (B, T)."""
+    heads when none is), combined by root mean square (emphasis on informative regions). (B, T). ``tol``: stop
+    the iterations early once converged (see :func:`power_iteration`)."""
     b, h, t, _ = probs.shape
     a = probs.float().reshape(b * h, t, t)
     if alive is not None:  # only these tokens take part (the others were dropped in this layer)
@@ -89,10 +114,7 @@ def wpr_importance(probs: torch.Tensor, state: M.TokenState, iterations: int,
     s0 = v.clone()
     cls = state.protected[:, 0].repeat_interleave(h, 0)
     s0[:, 0] = torch.where(cls, v[:, 0] * math.sqrt(t), v[:, 0])
-    s = s0 / s0.sum(-1, keepdim=True)
-    for _ in range(int(iterations)):
-        s = torch.einsum("bij,bi->bj", a, s) * v
-    s = s.reshape(b, h, t)
+    s = power_iteration(a, s0 / s0.sum(-1, keepdim=True), v, iterations, tol).reshape(b, h, t)
     n_real = state.valid.sum(-1, keepdim=True).float()  # (B, 1)
     mask = state.valid[:, None, :]
     norm = s * n_real[:, None, :]  # mean 1 over the real tokens
@@ -152,7 +174,7 @@ def zero_tprune(step: Step):
             removed = st.tokens - keep.shape[1]
     left = step.n - removed
     its = iterations_for(step.layer, step.layers, rec.iterations)
-    scores = wpr_importance(probs, st, its, rec.head_variance, alive) if left > 0 else None
+    scores = wpr_importance(probs, st, its, rec.head_variance, alive, tol=TOL) if left > 0 else None
     if alive is not None:
         x, st = M.keep_rows(x, keep), M.keep_state(st, keep)
         scores = None if scores is None else M.keep_rows(scores, keep)

@@ -39,16 +39,31 @@ def attend(q, k, v, scale: float, bias, need_probs):
         b, h, t, d = out.shape
         return out.transpose(1, 2).reshape(b, t, h * d), logits.softmax(-1)
     if need_probs:
-        logits = (q @ k.transpose(-1, -2)) * scale
-        if bias is not None:
-            logits = logits + bias
-        probs = logits.softmax(-1)
-        out = probs @ v
+        out, probs = _explicit(q, k, v, scale, bias)
     else:
         probs = None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     b, h, t, d = out.shape
     return out.transpose(1, 2).reshape(b, t, h * d), probs
+
+
+def _explicit(q, k, v, scale, bias, chunk_bytes: int = 16 << 20):
+    """Attention with its probabilities, a few batch rows at a time so each chunk's (H, T, T) logits, softmax and
+    product stay in cache (one pass over memory for the probabilities instead of four)."""
+    b, h, t, _ = q.shape
+    per = max(1, chunk_bytes // max(1, h * t * k.shape[2] * 4))
+    qs = q * scale
+    outs, probs = [], []
+    for i in range(0, b, per):
+        logits = qs[i:i + per] @ k[i:i + per].transpose(-1, -2)
+        if bias is not None:
+            logits += bias if bias.shape[0] == 1 else bias[i:i + per]
+        p = logits.softmax(-1)
+        outs.append(p @ v[i:i + per])
+        probs.append(p)
+    if len(outs) == 1:
+        return outs[0], probs[0]
+    return torch.cat(outs), torch.cat(probs)
 
 
 # --- one function per family: (layer, x, run) -> x; run.reduce(x, keys, probs) between attention and MLP ---
@@ -175,20 +190,23 @@ def find_layers(model: nn.Module) -> tuple[list[nn.Module], Family]:
     return layers, fam
 
 
-def reducing_layers(recipe, n_layers: int, needs_probs: bool) -> list[int]:
+def reducing_layers(recipe, n_layers: int, evit_layers: bool) -> list[int]:
+    """The layers that reduce: ``recipe.layers``, else every layer, or (``evit_layers``: the token-dropping
+    methods with ``keep``, so that every dropping method, baselines included, prunes at the same depths) EViT's
+    L/4, L/2 and 3L/4."""
     if recipe.layers is not None:
         bad = [i for i in recipe.layers if i >= n_layers]
         if bad:
             raise PruneError(f"layers {bad} do not exist; the model has {n_layers} layers (0 to {n_layers - 1}).")
         return sorted(recipe.layers)
-    if needs_probs and recipe.keep is not None:
+    if evit_layers and recipe.keep is not None:
         return sorted({max(0, min(n_layers - 1, n_layers * k // 4)) for k in (1, 2, 3)})
     return list(range(n_layers))
 
 
-def plan(recipe, n_layers: int, tokens: int, needs_probs: bool) -> list[int]:
+def plan(recipe, n_layers: int, tokens: int, evit_layers: bool) -> list[int]:
     """Tokens to remove at each layer for an input of ``tokens`` tokens (the layers cap it at run time)."""
-    at = reducing_layers(recipe, n_layers, needs_probs)
+    at = reducing_layers(recipe, n_layers, evit_layers)
     out = [0] * n_layers
     if recipe.method == "none" or not at:
         return out
@@ -270,7 +288,7 @@ class Handle:
         entry = METHODS.get(recipe.method)
         self.method = entry.impl
         self.needs_probs = entry.meta.get("needs_probs") or False
-        merges = bool(entry.meta.get("merges"))
+        merges = self.merges = bool(entry.meta.get("merges"))
         self.proportional = merges if recipe.proportional_attention is None else bool(recipe.proportional_attention)
         self.generator = torch.Generator().manual_seed(recipe.seed)
         self.state: M.TokenState | None = None
@@ -352,7 +370,7 @@ class Handle:
         def plan_for(length: int) -> list[int]:
             if length < short:
                 return [0] * n_layers
-            return plan(self.recipe, n_layers, length, bool(self.needs_probs))
+            return plan(self.recipe, n_layers, length, not self.merges)
 
         if bool(st.valid.all()):
             return Run(self, st, plan_for(t))

@@ -15,12 +15,13 @@ class TokenRecipe(Config):
     ``keep``, the fraction of the tokens left after the last reducing layer (each reducing layer keeps the same
     share) **or** ``flops``, the fraction of the dense encoder's FLOPs to spend (the smallest constant r whose
     linear-layer cost, 4 d^2 per token before the merge and 8 d^2 after, fits); ``schedule`` constant or decreasing (ToMe's (r, -1): 2r at the first reducing layer down to 0);
-    ``layers`` the reducing layers (default: every layer for merging methods, EViT's L/4, L/2, 3L/4 for the
-    methods that read attention probabilities); ``proportional_attention`` (log of the token size added to the
+    ``layers`` the reducing layers (default: every layer for merging, EViT's L/4, L/2, 3L/4 for the
+    token-dropping methods with ``keep``, baselines included, so they are compared at the same depths); ``proportional_attention`` (log of the token size added to the
     attention logits; default on for merging); ``unmerge`` (the encoder's output goes back to the original
     positions, so pooling and token-level heads work unchanged); ``min_tokens`` (inputs with fewer real tokens
     are not reduced: short queries gain no time and lose the most); ``seed`` (random drop); Zero-TPrune's
-    ``iterations`` (PageRank steps; ``auto``: 30 in the first three layers, 1 in the last three, 5 between),
+    ``iterations`` (PageRank steps, at most: it stops once no head's scores move by more than 1e-6 in L1;
+    ``auto``: 30 in the first three layers, 1 in the last three, 5 between),
     ``similarity`` (share of a layer's removals made by the similarity stage) and ``head_variance`` (the
     variance window of the head filter)."""
 
