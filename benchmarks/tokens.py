@@ -7,6 +7,8 @@ Parts (``--parts``, default all):
   vit     the Fashion-MNIST ViT prunekit trains here (prunekit.zoo.vit; 65 tokens): top-1 on the 10k test
           images, images/s at batch 1 and 64.
   vit-size  the same ToMe code on a ViT-S/16-sized model (random weights), speed only: where ToMe pays.
+  confirm the speed-ups the targets rest on (ToMe flops 0.6 on MiniLM, ToMe r=12 on the ViT), timed again with
+          9 interleaved repeats instead of 3.
   peer    pruna 0.3.4's ToMe for Hugging Face ViT (``pruna/algorithms/token_merging.py``) side by side with
           prunekit's ToMe on the same ViT weights, inputs and metric. pruna's ToMe needs transformers < 5 (it
           subclasses ``ViTSelfAttention``, gone in 5.x) and the pruna package pulls dozens of heavy dependencies,
@@ -226,6 +228,31 @@ def run_peer(test_images, reps: int) -> dict:
     return res
 
 
+def confirm_rows(reps: int = 9) -> list[dict]:
+    from prunekit.tokens.bench import load_minilm, paired_speedup, text_windows
+    from prunekit.zoo.vit import fashion_vit
+
+    rows = []
+    model, tok = load_minilm()
+    rec = {"method": "tome", "flops": 0.6, "min_tokens": SHORT}
+    for L in (256, 512):
+        ids = text_windows(tok, L, 16)
+        d, p, sp = paired_speedup(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, rec, reps)
+        rows.append({"model": "minilm-l6", "recipe": rec, "input": f"{L} tokens, batch 16", "dense_s": d,
+                     "patched_s": p, "speedup": sp})
+    vit = fashion_vit()
+    from prunekit.zoo.vit import images
+
+    x = images("test")[0][:64]
+    rec = {"method": "tome", "r": 12, "unmerge": False}
+    d, p, sp = paired_speedup(vit, {"pixel_values": x}, rec, reps)
+    rows.append({"model": "vit-fashion", "recipe": rec, "input": "batch 64", "dense_s": d, "patched_s": p,
+                 "speedup": sp})
+    for r in rows:
+        print(f"  {r['model']} {name(r['recipe'])} {r['input']}: x{r['speedup']:.2f} ({reps} repeats)", flush=True)
+    return rows
+
+
 # --- report ---
 
 def targets(res: dict) -> list[str]:
@@ -315,6 +342,14 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['impl']} | {r['r']} | {r['top1']:.4f} | {r['img_per_s_b1']:.1f} | "
                          f"{r['img_per_s_b64']:.0f} | {r['speedup_b1']:.2f} | {r['speedup_b64']:.2f} |")
         lines.append("")
+    conf = res.get("confirm")
+    if conf:
+        lines += ["## The target rows timed again (9 interleaved repeats)", "",
+                  "| model | recipe | input | dense s | patched s | speed-up |", "|---|---|---|---|---|---|"]
+        for r in conf:
+            lines.append(f"| {r['model']} | {name(r['recipe'])} | {r['input']} | {r['dense_s']:.4f} | "
+                         f"{r['patched_s']:.4f} | {r['speedup']:.2f} |")
+        lines.append("")
     lines += ["## Targets", ""] + [f"- {t}" for t in targets(res)]
     return "\n".join(lines) + "\n"
 
@@ -332,12 +367,22 @@ def plot(res: dict) -> None:
         if not res.get(part):
             ax.set_visible(False)
             continue
+        def sweep(rec):  # the main sweep of each method (a line); other variants are single points
+            if rec["method"] != "tome":
+                return True
+            return (rec.get("min_tokens") == SHORT and "flops" in rec) or rec.get("unmerge") is False
+
         for method, marker in (("tome", "o"), ("zero-tprune", "s"), ("cls-attention", "^"), ("random", "x"),
                                ("none", "*")):
-            rows = [r for r in res[part]["rows"] if r["recipe"]["method"] == method]
+            rows = sorted((r for r in res[part]["rows"] if r["recipe"]["method"] == method and sweep(r["recipe"])),
+                          key=lambda r: r[xk])
             if rows:
                 ax.plot([r[xk] for r in rows], [r[yk] for r in rows], marker=marker, linestyle="-" if method != "none" else "",
                         label=method, markersize=9 if method == "none" else 6)
+        for r in res[part]["rows"]:
+            if not sweep(r["recipe"]):
+                ax.plot([r[xk]], [r[yk]], marker="D", linestyle="", color="grey")
+                ax.annotate(name(r["recipe"]), (r[xk], r[yk]), fontsize=7, xytext=(4, -10), textcoords="offset points")
         ax.set_xlabel("measured speed-up vs dense")
         ax.set_ylabel(yk)
         ax.set_title(title)
@@ -349,7 +394,7 @@ def plot(res: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="minilm,vit,vit-size,peer")
+    ap.add_argument("--parts", default="minilm,vit,vit-size,confirm,peer")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--test-images", type=int, default=None, help="ViT: evaluate on the first N test images")
     ap.add_argument("--quick", action="store_true", help="two recipes per part, 2 repeats, 1000 test images")
@@ -380,6 +425,10 @@ def main() -> None:
     if "vit-size" in parts:
         print("ViT-S/16-sized (speed only):", flush=True)
         res["vit_size"] = vit_size_rows(reps)
+        save(res)
+    if "confirm" in parts:
+        print("confirm (9 repeats):", flush=True)
+        res["confirm"] = confirm_rows()
         save(res)
     if "peer" in parts:
         print("peer (pruna ToMe, transformers 4 subprocess):", flush=True)

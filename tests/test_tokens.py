@@ -353,6 +353,7 @@ def test_unsupported_models_are_refused():
     (["minilm-l6", "--text", "shakespeare"], "built from pydoc"),
     (["minilm-l6", "--layers", "one"], "must be layer numbers"),
     (["vit-fashion", "--r", "2", "--flops", "0.5"], "exactly one of r"),
+    (["minilm-l6", "--flops", "0.6", "--min-tokens", "-1"], "min_tokens: must be 0 or more"),
 ])
 def test_cli_mistakes_are_one_sentence_before_any_model_loads(args, words, monkeypatch):
     from tests.conftest import error_line, invoke
@@ -459,3 +460,23 @@ def test_every_dropping_method_prunes_at_the_same_depths():
                 seen[method] = h.tokens
     assert seen["random"] == seen["zero-tprune"] == seen["cls-attention"]
     assert [i for i in range(1, 8) if seen["random"][i] < seen["random"][i - 1]] == [3, 5, 7]
+
+
+def test_cli_min_tokens_reaches_the_recipe(monkeypatch):
+    from tests.conftest import invoke
+
+    import prunekit.tokens.bench as B
+
+    seen = {}
+
+    def fake_rows(recipes, **kw):
+        seen["recipes"] = recipes
+        return {"task": {"sections": 1, "queries": 1, "paragraphs": 1, "recall@1": 1.0, "recall@10": 1.0},
+                "rows": [{"recipe": r, "recall@1": 1.0, "recall@10": 1.0, "cosine": 1.0,
+                          **{f"{k}_L{L}_b{b}": 1.0 for k in ("speedup", "seq_per_s") for L in (256, 512)
+                             for b in (1, 16)}} for r in recipes]}
+
+    monkeypatch.setattr(B, "minilm_rows", fake_rows)
+    rc, out, err = invoke("tokens", "bench", "minilm-l6", "--flops", "0.6", "--min-tokens", "64")
+    assert rc == 0, err
+    assert seen["recipes"][1] == {"method": "tome", "flops": 0.6, "min_tokens": 64}

@@ -84,7 +84,7 @@ def text_windows(tok, length: int, n: int) -> torch.Tensor:
     """``n`` windows of exactly ``length`` token ids of pydoc text ([CLS] ... [SEP]), no padding."""
     from prunekit.zoo.text import load_text
 
-    ids = tok(load_text("pydoc", "evaluation"), add_special_tokens=False)["input_ids"]
+    ids = tok(load_text("pydoc", "evaluation"), add_special_tokens=False, verbose=False)["input_ids"]
     body = length - 2
     if len(ids) < body * n:
         raise PruneError(f"The pydoc text has too few tokens for {n} windows of {length}.")

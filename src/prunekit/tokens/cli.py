@@ -25,6 +25,8 @@ def bench(
     flops: Annotated[Optional[float], typer.Option(help="fraction of the dense FLOPs to spend (sets a constant r)")] = None,
     schedule: Annotated[str, typer.Option(help="constant | decreasing")] = "constant",
     layers: Annotated[Optional[str], typer.Option(help="reducing layers, comma-separated (default: the method's)")] = None,
+    min_tokens: Annotated[Optional[int], typer.Option(
+        help="inputs with fewer real tokens are not reduced (64 keeps short queries whole)")] = None,
     text: Annotated[str, typer.Option(help="minilm-l6: the retrieval text (pydoc)")] = "pydoc",
     recipe: Annotated[Optional[Path], recipe_option("YAML/JSON token recipe; flags given here override its fields")] = None,
     seed: Annotated[int, seed_option("seed of random drop")] = 0,
@@ -54,7 +56,7 @@ def bench(
     except ValueError:
         raise PruneError(f"--layers {layers!r} must be layer numbers separated by commas, e.g. 1,3,4.") from None
     given = {"method": method, "r": r, "keep": keep, "flops": flops, "schedule": schedule, "seed": seed,
-             "layers": layer_list}
+             "layers": layer_list, "min_tokens": min_tokens}
     for k, v in given.items():
         if v is not None and (k not in fields or v != {"method": "tome", "schedule": "constant", "seed": 0}.get(k)):
             fields[k] = v
