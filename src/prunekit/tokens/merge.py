@@ -158,8 +158,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, st: TokenState | None 
                             per_row: torch.Tensor | None = None) -> Merge | None:
     """ToMe's matching on ``metric`` (B, T, C; cosine similarity): tokens alternate into sets A (even) and B (odd),
     each A token's most similar B token is its edge, the ``r`` most similar edges merge. Protected tokens are never
-    merged and padding only merges into padding (after every real edge); ``r`` shrinks where fewer allowed edges exist. None: nothing
-    merges."""
+    merged and padding only merges into padding (after every real edge); ``r`` shrinks where fewer allowed edges
+    exist. None: nothing merges."""
     t = metric.shape[1]
     r = min(int(r), t // 2)
     if r <= 0:
