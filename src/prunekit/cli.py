@@ -14,11 +14,13 @@ from prunekit.cli_options import Overwrite, Progress, out_option, recipe_option,
 from prunekit.core.progress import say
 from prunekit.data.cli import data_app
 from prunekit.tokens.cli import tokens_app
+from prunekit.context.cli import context_app
 from prunekit.errors import PruneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune neural networks, measured honestly.")
 app.add_typer(data_app, name="data")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(context_app, name="context")
 
 
 _say = say
@@ -33,7 +35,7 @@ def zoo(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = Fa
     if as_json:
         print(json.dumps([a.to_dict() for a in items], indent=2))
         return
-    for family in ("llm", "vision", "data", "tokens"):
+    for family in ("llm", "vision", "data", "tokens", "context"):
         print(f"{family}:")
         for a in (x for x in items if x.family == family):
             mark = "ok     " if a.available() else "missing"

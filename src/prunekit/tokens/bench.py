@@ -22,44 +22,16 @@ import torch
 from prunekit.core.progress import bar
 from prunekit.errors import PruneError
 from prunekit.tokens import apply, mean_pool
+from prunekit.zoo.text import pydoc_sections  # noqa: F401  (where the tests look for it)
 
 MODELS = ("minilm-l6", "vit-fashion")
-_HEADING = re.compile(r"^(?P<title>[^\n]+)\n(?P<line>[=*\-~^]{3,})\s*$", re.M)
-
-
-def pydoc_sections(min_chars: int = 200) -> list[tuple[str, str, str]]:
-    """(heading, first sentence, body without that sentence) for every section of every pydoc topic."""
-    from pydoc_data.topics import topics
-
-    out = []
-    for key in sorted(topics):
-        text = topics[key]
-        heads = list(_HEADING.finditer(text))
-        for i, h in enumerate(heads):
-            end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
-            body = text[h.end():end].strip()
-            if len(body) < min_chars:
-                continue
-            flat = " ".join(body.split())
-            m = re.search(r"(.+?[.:])(\s|$)", flat)
-            if not m or len(m.group(1)) < 20:
-                continue
-            first = m.group(1)
-            rest = flat[m.end():].strip()
-            if len(rest) < min_chars // 2:
-                continue
-            out.append((h.group("title").strip().strip('"'), first, rest))
-    return out
 
 
 def load_minilm():
-    from transformers import AutoModel, AutoTokenizer
+    """A fresh (model, tokenizer) pair: token benchmarks patch the model, so it is never the shared one."""
+    from prunekit.zoo.minilm import load_minilm as load
 
-    from prunekit.data.embed import minilm_path
-
-    path = minilm_path()
-    return (AutoModel.from_pretrained(path, trust_remote_code=False).eval(),
-            AutoTokenizer.from_pretrained(path, trust_remote_code=False))
+    return load(fresh=True)
 
 
 @torch.no_grad()

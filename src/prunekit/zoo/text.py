@@ -102,3 +102,41 @@ def shared_ngrams(train: str, evaluation: str, n: int = 13) -> int:
     """How many distinct ``n``-word sequences (lower case, punctuation ignored) of ``evaluation`` also occur in
     ``train``; 0 means no passage of the evaluation text was seen in training."""
     return len(_ngrams(evaluation, n) & _ngrams(train, n))
+
+
+_HEADING = re.compile(r"^(?P<title>[^\n]+)\n(?P<line>[=*\-~^]{3,})\s*$", re.M)
+
+
+def pydoc_section_bodies(keys=None, min_chars: int = 200) -> list[tuple[str, str, str]]:
+    """(topic key, heading, body) of every section (text under an underlined heading) of the pydoc topics in
+    ``keys`` (default: all), bodies of at least ``min_chars`` characters."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics):
+        if keys is not None and key not in keys:
+            continue
+        text = topics[key]
+        heads = list(_HEADING.finditer(text))
+        for i, h in enumerate(heads):
+            end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
+            body = text[h.end():end].strip()
+            if len(body) >= min_chars:
+                out.append((key, h.group("title").strip().strip('"'), body))
+    return out
+
+
+def pydoc_sections(min_chars: int = 200) -> list[tuple[str, str, str]]:
+    """(heading, first sentence, body without that sentence) for every section of every pydoc topic (the
+    retrieval task of ``prunekit tokens bench minilm-l6``)."""
+    out = []
+    for _, title, body in pydoc_section_bodies(min_chars=min_chars):
+        flat = " ".join(body.split())
+        m = re.search(r"(.+?[.:])(\s|$)", flat)
+        if not m or len(m.group(1)) < 20:
+            continue
+        rest = flat[m.end():].strip()
+        if len(rest) < min_chars // 2:
+            continue
+        out.append((title, m.group(1), rest))
+    return out
