@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import load_json, machine
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -51,13 +51,8 @@ VIT = ([{"method": "none"}]
 PEER_R = (4, 8, 12)
 
 
-def machine() -> str:
-    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
-
-
 def load() -> dict:
-    return json.loads(OUT.read_text()) if OUT.exists() else {}
+    return load_json(OUT)
 
 
 def save(res: dict) -> None:

@@ -30,7 +30,7 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-_FAMILIES = ("tokens", "structure", "vision", "data", "stream", "train")  # ``prunekit.tokens.apply`` after ``import prunekit``
+_FAMILIES = ("tokens", "context", "structure", "vision", "data", "stream", "train")  # ``prunekit.tokens.apply`` after ``import prunekit``
 
 
 def __getattr__(name: str):

@@ -10,8 +10,6 @@ minus this one, per question), ``pruner_s`` (the pruner's time per question).
 
 from __future__ import annotations
 
-import statistics
-
 from prunekit.context import Pruner, qa
 from prunekit.context.split import split_sentences
 from prunekit.core.progress import bar
@@ -73,17 +71,6 @@ def summarize(label: str, rows: list[dict], base: dict | None) -> dict:
     else:
         out["kept"], out["saved_s"] = 1.0, 0.0
     return out
-
-
-def median_time(fn, repeats: int = 3) -> float:
-    import time
-
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def table(rows: list[dict]) -> list[str]:
