@@ -255,7 +255,7 @@ def plot(res: dict) -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Context pruning: SmolLM2-135M-Instruct reading 64 test questions")
+    fig.suptitle(f"Context pruning: SmolLM2-135M-Instruct reading {base['n']} test questions")
     fig.tight_layout()
     fig.savefig(OUT.with_suffix(".png"), dpi=110)
 
