@@ -181,7 +181,8 @@ class Provence(SentenceMethod):
         super().__init__(recipe)
         from prunekit.context.scorers import load_scorer
 
-        self.scorer = scorer if scorer is not None else load_scorer(recipe.scorer, trust_remote_code=trust_remote_code)
+        self.scorer = scorer if scorer is not None else load_scorer(
+            recipe.scorer, trust_remote_code=trust_remote_code, threshold=recipe.threshold, title=bool(recipe.title))
 
     def scores(self, question, sentences):
         return self.scorer.score(question, sentences)
