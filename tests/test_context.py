@@ -260,6 +260,49 @@ def test_batched_answer_loglik_equals_one_by_one():
         assert v == pytest.approx(r.read(q, ps, g, None, pre).loglik, abs=1e-3)
 
 
+def test_listwise_loss_is_a_softmax_over_the_questions_sentences():
+    from prunekit.context.train import listwise_loss
+
+    # one question, two passages (3 + 2 sentences), one window each; sentence 1 of passage 1 is relevant
+    which = torch.tensor([[-1, 0, 0, 1, 2, -1], [-1, 0, 1, 1, -1, -1]])
+    lab = [[False, False, False], [False, True]]
+    batch = [([(None, None, None, None, 0), (None, None, None, None, 1)], lab)]
+    keep = torch.randn(2, 6)
+    sent = torch.stack([keep[0, 1:3].mean(), keep[0, 3], keep[0, 4], keep[1, 1], keep[1, 2:4].mean()])
+    want = -torch.log_softmax(sent, 0)[4]
+    assert float(listwise_loss(keep, which, batch)) == pytest.approx(float(want), abs=1e-5)
+    up = keep.clone()
+    up[1, 2:4] += 5.0  # the relevant sentence's tokens score higher: the loss falls
+    assert listwise_loss(up, which, batch) < listwise_loss(keep, which, batch)
+    # a question with no relevant sentence adds nothing
+    assert listwise_loss(keep, which, [(batch[0][0], [[False] * 3, [False] * 2])]) is None
+
+
+def test_silver_gains_are_cached_and_thresholded(tmp_path, monkeypatch):
+    from prunekit.context import qa
+    from prunekit.context.reader import Reader
+    from prunekit.context.train import labels_from_gains, silver_gains
+
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    items = qa.build("train", 1, 1)
+    r = Reader(tiny_model("llama"), byte_tokenizer())
+    g = silver_gains(items, r, seed=0, progress=False)
+    assert len(g) == 2 and all(len(x["cands"]) == len(x["gains"]) > 0 for x in g)
+    assert list(tmp_path.glob("context/silver/*.json"))
+
+    def broken(*a, **k):  # a second call must not read the LM again
+        raise AssertionError("the cached gains were recomputed")
+
+    monkeypatch.setattr(r, "prompt_ids", broken)
+    assert silver_gains(items, r, seed=0, progress=False) == g
+    fake = [{"cands": [[0, 0], [1, 0], [1, 1]], "gains": [0.5, 3.0, 2.5]}]
+    item = qa.Item("q", ["Alpha one. Beta two.", "Gamma three. Delta four. Omega five."], "x", 1,
+                   "Gamma three.", "needle")
+    # margin 2 and at least half the best gain (1.5): sentences (1, 0) and (1, 1)
+    assert labels_from_gains([item], fake, 2.0) == [[[False, False], [True, True, False]]]
+    assert labels_from_gains([item], fake, 2.8) == [[[False, False], [True, False, False]]]
+
+
 def test_question_parts_are_disjoint_and_deterministic():
     from prunekit.context import qa
 

@@ -135,7 +135,7 @@ def train(
     out: Annotated[Path, out_option("directory for the trained scorer (use it as --scorer DIR)")],
     needle: Annotated[Optional[int], typer.Option(help="training needle questions")] = None,
     pydoc: Annotated[Optional[int], typer.Option(help="training pydoc questions")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="passes over the training windows")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="passes over the training questions")] = None,
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate")] = None,
     recipe: Annotated[Optional[Path], recipe_option()] = None,
     seed: Annotated[Optional[int], seed_option("seed of the training questions and of the training order")] = None,
