@@ -96,7 +96,31 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["available", "run_llmcompressor"]
+__all__ = ["available", "ensure_llmcompressor", "run_llmcompressor", "run_reap"]
+
+PEER_DIR = os.path.expanduser("~/.cache/prunekit/peers/llmcompressor")
+# what llmcompressor 0.14.0.1 needs beyond the project's own environment (torch, transformers, accelerate,
+# pyarrow, pandas, numpy, ... are there): installed with --no-deps so that pip never touches torch
+_EXTRA = ["llmcompressor==0.14.0.1", "compressed-tensors==0.19.0", "loguru", "datasets>=4.8.4", "dill",
+          "multiprocess", "xxhash", "nvidia-ml-py"]
+
+
+def ensure_llmcompressor() -> bool:
+    """Make llmcompressor importable: the environment's own (the ``peers`` extra), else a --no-deps install into
+    ``PEER_DIR`` (once). False when neither works (offline without the wheels)."""
+    if available():
+        return True
+    if not os.path.isdir(os.path.join(PEER_DIR, "llmcompressor")):
+        import subprocess
+
+        try:
+            subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", PEER_DIR,
+                                   *_EXTRA])
+        except (subprocess.CalledProcessError, OSError):
+            return False
+    if PEER_DIR not in sys.path:
+        sys.path.insert(0, PEER_DIR)
+    return available()
 
 _METHODS = ("wanda", "sparsegpt")
 _LOGGER_SETUP_SKIPPED = False  # set when we imported llmcompressor quietly
@@ -133,6 +157,10 @@ def _import_llmc(quiet: bool) -> dict:
         from llmcompressor.core import reset_session
         from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
         from compressed_tensors.offload import remove_dispatch
+        try:
+            from llmcompressor.modifiers.pruning.reap import REAPPruningModifier
+        except ImportError:  # versions before REAP
+            REAPPruningModifier = None
     from loguru import logger
 
     if first_import and quiet:
@@ -157,6 +185,7 @@ def _import_llmc(quiet: bool) -> dict:
         reset_session=reset_session,
         SparseGPTModifier=SparseGPTModifier,
         WandaPruningModifier=WandaPruningModifier,
+        REAPPruningModifier=REAPPruningModifier,
         remove_dispatch=remove_dispatch,
     )
 
@@ -316,10 +345,8 @@ def run_llmcompressor(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
     llmc = _import_llmc(quiet)
-    Dataset, oneshot, reset_session = llmc["Dataset"], llmc["oneshot"], llmc["reset_session"]
     SparseGPTModifier = llmc["SparseGPTModifier"]
     WandaPruningModifier = llmc["WandaPruningModifier"]
-    remove_dispatch = llmc["remove_dispatch"]
 
     common = dict(
         sparsity=sparsity,
@@ -334,6 +361,29 @@ def run_llmcompressor(
     else:
         modifier = SparseGPTModifier(block_size=128, dampening_frac=0.01, **common)
 
+    return _oneshot(model, modifier, calib_ids, llmc, quiet=quiet, batch_size=batch_size)
+
+
+def run_reap(model, sparsity: float, calib_ids: torch.Tensor, *, quiet: bool = True) -> tuple[float, dict]:
+    """Remove ``sparsity`` of every MoE layer's experts with llm-compressor's ``REAPPruningModifier`` (in place,
+    sequential pipeline, batch size 1). Returns ``(oneshot seconds, {layer name: retained expert indices})``."""
+    llmc = _import_llmc(quiet)
+    if llmc["REAPPruningModifier"] is None:
+        raise RuntimeError("this llmcompressor has no REAPPruningModifier (added in 0.14)")
+    with tempfile.TemporaryDirectory(prefix="prunekit_reap_") as tmp:
+        report = os.path.join(tmp, "retained.json")
+        modifier = llmc["REAPPruningModifier"](sparsity=float(sparsity), report_path=report)
+        seconds = _oneshot(model, modifier, torch.as_tensor(calib_ids).to(torch.long), llmc, quiet=quiet, batch_size=1)
+        with open(report) as fh:
+            retained = json.load(fh)
+    return seconds, retained
+
+
+def _oneshot(model, modifier, calib_ids: torch.Tensor, llmc: dict, *, quiet: bool, batch_size: int) -> float:
+    """One ``oneshot`` call on exactly ``calib_ids``; the model is left a plain transformers model again."""
+    Dataset, oneshot, reset_session = llmc["Dataset"], llmc["oneshot"], llmc["reset_session"]
+    remove_dispatch = llmc["remove_dispatch"]
+    n_samples, seqlen = (int(x) for x in calib_ids.shape)
     dataset = Dataset.from_dict(
         {
             "input_ids": calib_ids.tolist(),

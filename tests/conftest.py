@@ -153,7 +153,11 @@ def tiny_arch(family: str, seed: int = 0, hidden: int = 32, layers: int = 4):
         cfg, cls = t.MixtralConfig(**dec, num_local_experts=4, num_experts_per_tok=2), t.MixtralForCausalLM
     else:
         raise ValueError(family)
-    model = cls(cfg)
+    return randomized(cls(cfg))
+
+
+def randomized(model):
+    """``model`` with every matrix drawn from N(0, 0.2) (a tiny random model whose layers all matter), in eval mode."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:

@@ -248,6 +248,10 @@ def _prune_only(model, recipe: Recipe, calibration_batches, device, progress, st
         from prunekit.structure import prune_structured
 
         return prune_structured(model, recipe, calibration_batches, device=device, progress=progress)
+    if recipe.experts is not None:  # whole experts removed or merged (prunekit.structure.experts)
+        from prunekit.structure.experts import prune_experts
+
+        return prune_experts(model, recipe, calibration_batches, device=device, progress=progress)
     adapter = adapter_for(model)
     per_block = target_layers(model, adapter, recipe.exclude)
     flat = _check_targets(per_block, recipe)

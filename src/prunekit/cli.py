@@ -100,6 +100,10 @@ def prune(
     remove_layers: Annotated[Optional[int], typer.Option(help="structured: remove this many whole layers, lowest block influence first")] = None,
     remove_sublayers: Annotated[Optional[int], typer.Option(help="structured: remove this many attention / MLP sublayers")] = None,
     sublayer_method: Annotated[Optional[str], typer.Option(help="structured: influence (one pass, default) | greedy (FinerCut, slower)")] = None,
+    experts: Annotated[Optional[str], typer.Option(help="mixture of experts: remove or merge whole experts per layer by frequency | reap | enumerate | merge")] = None,
+    keep_experts: Annotated[Optional[int], typer.Option(help="with --experts: experts kept in each MoE layer (or --sparsity: the fraction removed)")] = None,
+    experts_allocation: Annotated[Optional[str], typer.Option(help="with --experts: uniform (default) | global (one budget over layers by score)")] = None,
+    recalibrate_router: Annotated[Optional[int], typer.Option(help="with --experts: Adam steps fitting each pruned layer's router to the full layer's output (default 0: off)")] = None,
     stream: Annotated[bool, typer.Option("--stream", help="stream the checkpoint from disk one block at a time (models larger than RAM); the stored dtype is kept")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="with --stream: continue the interrupted run whose checkpoint sits beside --out (or start one)")] = False,
     offload_dir: Annotated[Optional[Path], typer.Option(help="with --stream: keep the calibration activations in files here instead of memory")] = None,
@@ -127,6 +131,10 @@ def prune(
     if recipe is not None:
         fields = Recipe.from_file(recipe).model_dump(exclude_unset=True)
     structured = structure is not None or remove_layers is not None or remove_sublayers is not None or bool(fields.get("structure"))
+    by_experts = experts is not None or keep_experts is not None or bool(fields.get("experts"))
+    if (keep_experts is not None or experts_allocation is not None or recalibrate_router is not None) and not (
+            experts is not None or fields.get("experts")):
+        raise PruneError("--keep-experts, --experts-allocation and --recalibrate-router go with --experts METHOD; add it.")
     if ratio is not None:
         import warnings
 
@@ -135,7 +143,7 @@ def prune(
         if sparsity is not None and sparsity != ratio:
             raise PruneError("Give --sparsity only (not also its old spelling --ratio).")
         sparsity, structured = ratio, True  # --ratio always meant the structure section
-    flags = {"method": method, "sparsity": None if structured else sparsity, "pattern": pattern}
+    flags = {"method": method, "sparsity": None if structured or by_experts else sparsity, "pattern": pattern}
     fields.update({k: v for k, v in flags.items() if v is not None})
     opts = {k: v for k, v in {"blocksize": blocksize, "dampening": dampening, "alpha": gblm_alpha}.items() if v is not None}
     if opts:  # method options: each flag belongs to one method
@@ -180,6 +188,12 @@ def prune(
     st.update({k: v for k, v in st_flags.items() if v is not None})
     if st:
         fields["structure"] = st
+    ex = dict(fields.get("experts") or {})
+    ex.update({k: v for k, v in {"method": experts, "keep": keep_experts, "sparsity": sparsity if by_experts else None,
+                                 "allocation": experts_allocation, "recalibrate_steps": recalibrate_router}.items()
+               if v is not None})
+    if ex:
+        fields["experts"] = ex
     dst = dict(fields.get("distill") or {})
     dst.update({k: v for k, v in {"steps": distill, "iterations": distill_iterations, "text": distill_text,
                                   "precision": distill_precision}.items() if v is not None})
@@ -214,6 +228,10 @@ def prune(
         from prunekit.structure.prune import check
 
         check(adapter_for(m), m, rec.structure)  # an impossible request fails here, before any work
+    if rec.experts is not None:
+        from prunekit.structure.experts import check as check_experts
+
+        check_experts(adapter_for(m), m, rec.experts)
 
     bos_token = resolve_bos(tok, rec.calibration.bos)
     rec.calibration.bos = bos_token is not None  # recorded: what every window of this run starts with
@@ -251,6 +269,10 @@ def prune(
 
     if rec.structure is not None:
         _say(f"structured pruning ({_structure_words(rec.structure)}) ...")
+    elif rec.experts is not None:
+        e = rec.experts
+        _say(f"expert pruning: {e.method}, {f'keep {e.keep}' if e.keep is not None else f'remove {e.sparsity:g}'} "
+             f"per layer ({e.allocation}) ...")
     else:
         _say(f"pruning with {rec.method} ({rec.pattern}, sparsity {rec.sparsity:g}, allocation {rec.allocation.kind}) ...")
 
@@ -306,6 +328,10 @@ def prune(
         from prunekit.structure import summary_lines
 
         lines = summary_lines(rep)
+    elif rec.experts is not None:
+        from prunekit.structure.experts import summary_lines as expert_lines
+
+        lines = expert_lines(rep)
     else:
         lines = rep.lines()
     for line in lines:
@@ -328,6 +354,12 @@ def prune(
     if rec.structure is not None and rep.summary.get("format") == "prunekit":
         print(f"saved {out}  (not a stock {m.config.model_type} config: {rep.summary.get('format_reason')}; per-layer "
               f"sizes are in config.prunekit_layer_sizes, load with prunekit.load('{out}'), stock transformers refuses it)")
+    elif rec.experts is not None and rep.summary.get("format") == "prunekit":
+        print(f"saved {out}  (expert counts differ between layers, which a stock {m.config.model_type} config cannot "
+              f"say: they are in config.prunekit_expert_counts; load with prunekit.load('{out}'))")
+    elif rec.experts is not None:
+        print(f"saved {out}  (a stock {m.config.model_type} config with {adapter_for(m).expert_count(m)} experts per "
+              f"layer; load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
     elif rec.structure is not None:
         print(f"saved {out}  (a stock {m.config.model_type} config: {_stock_sizes(m)}; load with "
               f"transformers.AutoModelForCausalLM.from_pretrained('{out}'))")

@@ -187,11 +187,26 @@ def save(model, tokenizer, out: str | Path, manifest: dict | None = None, overwr
     out = check_output(out, overwrite)
     check_finite(model, "The model to save")
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if getattr(getattr(model, "config", None), "prunekit_layer_sizes", None) is not None:
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "prunekit_expert_counts", None) is not None:
+            # expert counts that differ per layer: the fused expert tensors are written as they are (transformers
+            # would split them into its legacy per-expert names, which only a stock-sized model reads back)
+            had = "_weight_conversions" in model.__dict__
+            old = model.__dict__.get("_weight_conversions")
+            model._weight_conversions = []
+            try:
+                model.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                if had:
+                    model._weight_conversions = old
+                else:
+                    del model._weight_conversions
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        if getattr(cfg, "prunekit_layer_sizes", None) is not None or getattr(cfg, "prunekit_expert_counts", None) is not None:
             from prunekit.structure.saved import mark_config_file
 
-            mark_config_file(tmp)  # per-layer sizes: stock loaders must refuse it, prunekit.load rebuilds it
+            mark_config_file(tmp)  # per-layer sizes or expert counts: stock loaders must refuse it, prunekit.load rebuilds it
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         man = dict(manifest or {})

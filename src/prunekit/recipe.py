@@ -5,6 +5,7 @@ A recipe is saved beside every result (``prunekit.json``) so that a run can be r
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
@@ -244,6 +245,43 @@ class Structure(Config):
         )
 
 
+class Experts(Config):
+    """Mixture-of-experts: remove or merge whole experts in every MoE layer (see prunekit.structure.experts).
+
+    keep: experts kept per layer (or sparsity: the fraction removed); never below the router's top-k.
+    """
+
+    what = "experts"
+    method: Annotated[str, registered("prunekit.structure.experts", "EXPERT_METHODS")] = Field(
+        "reap", description="frequency | reap | enumerate | merge (prunekit.structure.experts.EXPERT_METHODS)")
+    keep: int | None = Field(None, description="experts kept in each MoE layer (at least the router's top-k)")
+    sparsity: Sparsity = Field(0.0, description="instead of keep: the fraction of each layer's experts removed")
+    allocation: Literal["uniform", "global"] = Field(
+        "uniform", description="uniform: the same count per layer; global: one budget over the layers by each "
+        "expert's share of its layer's score (frequency / reap / merge), at least top-k per layer")
+    max_subsets: int = Field(10000, description="enumerate: above this many subsets, backward greedy elimination")
+    max_tokens: int = Field(4096, description="calibration tokens per layer that enumerate, merge and router "
+                            "re-calibration read again (a seeded sample); frequency and REAP use all")
+    align: bool = Field(True, description="merge: permute each member's hidden neurons to its centre's first")
+    recalibrate_steps: Count = Field(0, description="after pruning a layer, Adam steps fitting its router to the "
+                                     "full layer's output on the calibration tokens (0: off)")
+    recalibrate_lr: float = Field(1e-3, description="learning rate of the router re-calibration")
+
+    @model_validator(mode="after")
+    def _amount(self) -> Experts:
+        if self.keep is not None and self.sparsity:
+            raise ValueError("give keep or sparsity, not both")
+        if self.keep is None and not self.sparsity:
+            raise ValueError("say how many experts stay: keep (per layer) or sparsity (the fraction removed)")
+        if self.keep is not None and self.keep < 1:
+            raise ValueError("keep must be at least 1")
+        if self.max_subsets < 1 or self.max_tokens < 1:
+            raise ValueError("max_subsets and max_tokens must be positive")
+        if not (self.recalibrate_lr > 0 and math.isfinite(self.recalibrate_lr)):
+            raise ValueError("recalibrate_lr must be a positive number")
+        return self
+
+
 _METHOD_OPTIONS = {"blocksize": ("sparsegpt", "blocksize"), "dampening": ("sparsegpt", "dampening"),
                    "gblm_alpha": ("gblm", "alpha")}  # flat fields before the options moved to each method
 
@@ -263,6 +301,7 @@ class Recipe(Config):
     calibration: Calibration = Field(default_factory=Calibration)
     recovery: Recovery | None = Field(None, description="optional training after pruning (masks kept)")
     structure: Structure | None = Field(None, description="structured pruning (heads, MLP channels, layers) instead of sparsity")
+    experts: Experts | None = Field(None, description="mixture-of-experts: experts removed or merged per layer instead of sparsity")
     distill: Distill | None = Field(None, description="optional compress-then-distil: every weight trained towards the "
                                     "dense teacher (after structure or sparsity pruning; zeros kept)")
 
@@ -322,6 +361,16 @@ class Recipe(Config):
         if self.distill is not None and self.distill.iterations > 1 and self.structure is None:
             raise ValueError("distill.iterations > 1 splits a structure section into parts; sparsity pruning is done "
                              "in one part (set iterations to 1)")
+        if self.experts is not None:
+            others = [k for k in ("structure", "recovery", "distill") if getattr(self, k) is not None]
+            defaults = Recipe()
+            others += sorted(f for f in ("method", "sparsity", "pattern", "allocation", "exclude")
+                             if f in self.model_fields_set and getattr(self, f) != getattr(defaults, f))
+            if others:
+                raise ValueError(
+                    f"an experts section removes or merges whole experts on its own; drop {', '.join(others)} (or "
+                    "prune twice: experts, then the rest on its output)"
+                )
         if self.structure is not None:
             # fields of sparsity pruning given with other values than their defaults (a saved recipe repeats the
             # defaults, which is fine)
@@ -345,6 +394,8 @@ class Recipe(Config):
 
     @property
     def needs_data(self) -> bool:
+        if self.experts is not None:
+            return True
         if self.structure is not None:
             return self.structure.needs_data
         return self.method in ("wanda", "sparsegpt", "gblm")

@@ -4,6 +4,7 @@
 ``hessian``: sum over tokens of x x^T (SparseGPT's H, up to a constant factor).
 ``meanvar``: per input channel, the mean and the (population) variance over tokens, as ``value[0]`` and
 ``value[1]`` (FLAP's fluctuation and bias compensation).
+``rows``: the input rows themselves, [tokens, features] (expert pruning: a MoE layer's inputs).
 """
 
 from __future__ import annotations
@@ -55,4 +56,21 @@ class MeanVar:
         return torch.stack([mean, var]).float()
 
 
-STATS = {"sqnorm": SqNorm, "hessian": Hessian, "meanvar": MeanVar}
+class Rows:
+    """The input rows themselves, [tokens, features] (expert pruning reads a MoE layer's inputs again)."""
+
+    def __init__(self, features: int, device=None):
+        self._parts: list[torch.Tensor] = []
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self._parts.append(x.clone())
+        self.tokens += x.shape[0]
+
+    @property
+    def value(self) -> torch.Tensor:
+        return torch.cat(self._parts) if self._parts else torch.zeros(0)
+
+
+STATS = {"sqnorm": SqNorm, "hessian": Hessian, "meanvar": MeanVar, "rows": Rows}

@@ -44,6 +44,23 @@ class Layout:
     layer_index_key: str | None = None  # config flag that makes a block's math depend on its index
 
 
+@dataclass(frozen=True)
+class MoELayout:
+    """Where a decoder block keeps its sparse mixture-of-experts (transformers 5: the experts fused as 3-D
+    parameters ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I], the router a raw ``weight`` [E, H]).
+
+    ``block``: the MoE module relative to the decoder block; ``router`` / ``experts`` / ``shared``: relative to
+    it (``shared``: an always-on expert that expert pruning never touches, as in Qwen2-MoE); ``count_key``: the
+    config field of the expert count.
+    """
+
+    block: str = "mlp"
+    router: str = "gate"
+    experts: str = "experts"
+    count_key: str = "num_experts"
+    shared: str | None = None
+
+
 # attributes that attention / MLP modules of the supported families cache from their config
 _HEAD_ATTRS = ("num_heads", "num_attention_heads")
 _KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
@@ -54,6 +71,7 @@ class Adapter:
     family: str
     blocks_path: str  # dotted attribute path from the *ForCausalLM model to its ModuleList of blocks
     layout: Layout | None = None  # structure of a block; None: structured pruning is not available
+    moe: MoELayout | None = None  # where a block keeps its mixture of experts; None: no expert pruning
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         obj = model
@@ -76,6 +94,38 @@ class Adapter:
                 f"so {what} is not available; it works for llama, mistral, qwen2, gpt2 and opt models."
             )
         return self.layout
+
+    # ---- mixture of experts (used by prunekit.structure.experts)
+    def moe_layers(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
+        """``[(block index, MoE module)]`` of the blocks that have one (Qwen2/3-MoE may keep dense MLPs in some);
+        one sentence when the model has none."""
+        lay = self.moe
+        found = []
+        if lay is not None:
+            for i, block in enumerate(self.blocks(model)):
+                if _has(block, f"{lay.block}.{lay.experts}") and _has(block, f"{lay.block}.{lay.router}"):
+                    found.append((i, _get(block, lay.block)))
+        if not found:
+            raise PruneError(
+                f"This {self.family} model has no mixture-of-experts layers, so there are no experts to prune; expert "
+                "pruning works for Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE models."
+            )
+        return found
+
+    def router(self, moe: nn.Module) -> nn.Module:
+        return _get(moe, self.moe.router)
+
+    def experts(self, moe: nn.Module) -> nn.Module:
+        return _get(moe, self.moe.experts)
+
+    def shared_expert(self, moe: nn.Module) -> nn.Module | None:
+        return _get(moe, self.moe.shared) if self.moe.shared and _has(moe, self.moe.shared) else None
+
+    def expert_count(self, model: nn.Module) -> int:
+        return int(getattr(model.config, self.moe.count_key))
+
+    def set_expert_count(self, model: nn.Module, n: int) -> None:
+        setattr(model.config, self.moe.count_key, int(n))
 
     def attention(self, block: nn.Module) -> nn.Module:
         return _get(block, self.require_layout().attn)
@@ -189,7 +239,7 @@ def _generic(model: nn.Module) -> Adapter:
 
 def adapter_for(model: nn.Module) -> Adapter:
     # import the family files so they register themselves
-    from prunekit.arch import falcon, gpt2, gpt_neox, llama, opt  # noqa: F401
+    from prunekit.arch import falcon, gpt2, gpt_neox, llama, moe, opt  # noqa: F401
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in _REGISTRY:

@@ -37,7 +37,6 @@ UNSTRUCTURED_ONLY = (
     "olmo", "olmo2",  # OLMo 2: QK-norm over all heads, norms after each sublayer
     "stablelm",
     "granite", "smollm3",
-    "mixtral",  # mixture of experts: the experts are 3-D parameters, not linear layers (kept dense)
 )
 for _t in UNSTRUCTURED_ONLY:
     register((_t,), Adapter(family=_t, blocks_path="model.layers"))

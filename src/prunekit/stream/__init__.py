@@ -85,6 +85,8 @@ def _refuse(recipe) -> None:
     if recipe.structure is not None:
         raise PruneError("Structured pruning is not streamed yet (it plans over all blocks at once); drop --stream, "
                          "or prune unstructured / N:M.")
+    if recipe.experts is not None:
+        raise PruneError("Expert pruning is not streamed yet; drop --stream (the model is pruned in memory).")
     if recipe.recovery is not None:
         raise PruneError("Recovery trains the whole model at once, which is not streamed; prune with --stream first, "
                          "then run prunekit recover on the output.")

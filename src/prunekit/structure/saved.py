@@ -37,6 +37,7 @@ from prunekit.structure.shrink import (
 )
 
 SIZES_KEY = "prunekit_layer_sizes"
+EXPERTS_KEY = "prunekit_expert_counts"  # per block: experts kept (None: a dense block); see prunekit.structure.experts
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -130,17 +131,24 @@ def resize_block(adapter: Adapter, model: nn.Module, i: int, size: dict) -> None
 
 
 def rebuild(config) -> nn.Module:
-    """A model of the architecture in ``config`` with the per-block sizes of ``config.prunekit_layer_sizes``."""
+    """A model of the architecture in ``config`` with the per-block sizes of ``config.prunekit_layer_sizes`` and
+    the per-block expert counts of ``config.prunekit_expert_counts`` (either may be absent)."""
     from transformers import AutoModelForCausalLM
 
-    sizes = getattr(config, SIZES_KEY)
-    if len(sizes) != config.num_hidden_layers:
-        raise PruneError(f"config.{SIZES_KEY} lists {len(sizes)} layers but num_hidden_layers is {config.num_hidden_layers}.")
+    from prunekit.structure.experts import EXPERTS_KEY, resize_experts
+
+    sizes = getattr(config, SIZES_KEY, None)
+    counts = getattr(config, EXPERTS_KEY, None)
+    for key, got in ((SIZES_KEY, sizes), (EXPERTS_KEY, counts)):
+        if got is not None and len(got) != config.num_hidden_layers:
+            raise PruneError(f"config.{key} lists {len(got)} layers but num_hidden_layers is {config.num_hidden_layers}.")
     model = AutoModelForCausalLM.from_config(config)
     adapter = adapter_for(model)
     with torch.no_grad():
-        for i, size in enumerate(sizes):
+        for i, size in enumerate(sizes or []):
             resize_block(adapter, model, i, size)
+        if counts is not None:
+            resize_experts(model, counts)
     return model
 
 
@@ -151,7 +159,7 @@ def mark_config_file(directory: str | Path) -> None:
     """After ``save_pretrained``: hide the model type from stock loaders when the config has per-layer sizes."""
     p = Path(directory) / "config.json"
     d = json.loads(p.read_text())
-    if SIZES_KEY in d and MARK not in d:
+    if (SIZES_KEY in d or EXPERTS_KEY in d) and MARK not in d:
         d[MARK] = d["model_type"]
         d["model_type"] = f"prunekit-{d['model_type']}"
         p.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
@@ -197,4 +205,7 @@ def load_structured(path: str | Path, dtype: torch.dtype = torch.float32):
 
 def is_structured_dir(path: str | Path) -> bool:
     p = Path(path) / "config.json"
-    return p.is_file() and SIZES_KEY in json.loads(p.read_text())
+    if not p.is_file():
+        return False
+    d = json.loads(p.read_text())
+    return SIZES_KEY in d or EXPERTS_KEY in d

