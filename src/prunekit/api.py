@@ -95,8 +95,14 @@ def _allocate(recipe, model, adapter, per_block, flat, method, batches, device, 
         scores = _dense_importance(model, adapter, per_block, method, batches, recipe, device, progress, stream)
     else:  # only the shapes matter
         scores = {name: weight_matrix(m) for name, m in flat}
-    keep = keep_counts(scores, s, a.kind, min_density=a.min_density, groups=groups, slack="removed", owl_m=a.owl_m,
-                       owl_lambda=a.owl_lambda, per_group=a.per_layer, owl_ratios=ratios)
+    kind, per_group = a.kind, a.per_layer
+    if kind == "sensitivity":  # the measured table, turned into one sparsity per decoder block
+        from prunekit.evaluate.sensitivity import block_sparsities, read_table
+
+        kind, per_group = "list", block_sparsities(read_table(a.table), len(per_block), adapter.blocks_path, s,
+                                                   a.max_deviation)
+    keep = keep_counts(scores, s, kind, min_density=a.min_density, groups=groups, slack="removed", owl_m=a.owl_m,
+                       owl_lambda=a.owl_lambda, per_group=per_group, owl_ratios=ratios)
     del scores
     return {name: weight_matrix(m).numel() - keep[name] for name, m in flat}
 
@@ -256,6 +262,11 @@ def _prune_only(model, recipe: Recipe, calibration_batches, device, progress, st
     per_block = target_layers(model, adapter, recipe.exclude)
     flat = _check_targets(per_block, recipe)
     method = get_method(recipe.method, recipe.options)
+    if recipe.allocation.kind == "sensitivity":  # a table that does not fit fails before any work
+        from prunekit.evaluate.sensitivity import block_sparsities, read_table
+
+        block_sparsities(read_table(recipe.allocation.table), len(per_block), adapter.blocks_path, recipe.sparsity,
+                         recipe.allocation.max_deviation)
     if recipe.allocation.kind == "list":  # a list of the wrong length fails before any work
         keep_counts({n: weight_matrix(m) for n, m in flat}, recipe.sparsity, "list",
                     groups={n: bi for bi, block in enumerate(per_block) for n, _ in block}, per_group=recipe.allocation.per_layer)

@@ -64,11 +64,12 @@ def prune(
     method: Annotated[Optional[str], typer.Option(help="magnitude | wanda | sparsegpt | gblm")] = None,
     sparsity: Annotated[Optional[float], typer.Option(help="fraction removed, [0, 1): of the weights of each layer, or with --structure of each sublayer's weights (hidden: channels)")] = None,
     pattern: Annotated[Optional[str], typer.Option(help="unstructured, or N:M (N zeros in every M), e.g. 2:4")] = None,
-    allocation: Annotated[Optional[str], typer.Option(help="uniform | global | owl | list: how sparsity spreads over layers")] = None,
+    allocation: Annotated[Optional[str], typer.Option(help="uniform | global | owl | list | sensitivity: how sparsity spreads over layers")] = None,
     min_density: Annotated[Optional[float], typer.Option(help="global: least fraction of weights each layer keeps")] = None,
     owl_m: Annotated[Optional[float], typer.Option(help="OWL: outlier threshold, multiple of the mean score")] = None,
     owl_lambda: Annotated[Optional[float], typer.Option(help="OWL: half-range of the layer sparsities")] = None,
     per_layer: Annotated[Optional[str], typer.Option(help="list: comma-separated sparsity per decoder layer")] = None,
+    sensitivity_table: Annotated[Optional[str], typer.Option(help="--allocation sensitivity: the sensitivity.json (or its directory) of prunekit sensitivity")] = None,
     gblm_alpha: Annotated[Optional[float], typer.Option(help="GBLM: weight of the gradient term (0 = Wanda)")] = None,
     calib_mode: Annotated[Optional[str], typer.Option(help="sequential (default) or one-pass")] = None,
     calib_batch_size: Annotated[Optional[str], typer.Option(help="sequences per calibration forward pass (default 8), or 'all' (the whole set per block when memory allows)")] = None,
@@ -161,7 +162,8 @@ def prune(
             layers_list = [float(x) for x in per_layer.split(",")]
         except ValueError:
             raise PruneError(f"--per-layer must be comma-separated numbers, got {per_layer!r}.") from None
-    alloc.update({k: v for k, v in {"kind": allocation, "min_density": min_density, "owl_m": owl_m, "owl_lambda": owl_lambda, "per_layer": layers_list}.items() if v is not None})
+    alloc.update({k: v for k, v in {"kind": allocation, "min_density": min_density, "owl_m": owl_m, "owl_lambda": owl_lambda,
+                                    "per_layer": layers_list, "table": sensitivity_table}.items() if v is not None})
     if alloc:
         fields["allocation"] = alloc
     if exclude:
@@ -406,6 +408,94 @@ def _stock_sizes(m) -> str:
     kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     return (f"{c.num_attention_heads} heads, {kv} kv heads, MLP width {getattr(c, key, None) or 'default'} ({key}), "
             f"hidden size {c.hidden_size}, {c.num_hidden_layers} layers")
+
+
+@app.command()
+def sensitivity(
+    model: Annotated[str, typer.Argument(help="zoo name (smollm2-135m), model directory or hub id")],
+    out: Annotated[Path, out_option("output directory: sensitivity.json (the table) and sensitivity.png")],
+    method: Annotated[str, typer.Option(help="magnitude | wanda | sparsegpt | gblm")] = "wanda",
+    grid: Annotated[str, typer.Option(help="comma-separated sparsities each unit is pruned to, alone")] = "0.2,0.4,0.6,0.8,0.9",
+    unit: Annotated[str, typer.Option(help="block (a decoder block's layers together) | layer (one at a time)")] = "block",
+    calib: Annotated[str, typer.Option(help="calibration text: shakespeare | pydoc | PATH.txt")] = "shakespeare",
+    calib_samples: Annotated[int, typer.Option(help="calibration sequences")] = 32,
+    seqlen: Annotated[int, typer.Option(help="tokens per calibration and evaluation window")] = 256,
+    eval_text: Annotated[Optional[str], typer.Option(help="text whose evaluation split is scored (default: the calibration text)")] = None,
+    eval_windows: Annotated[int, typer.Option(help="evaluation windows of --seqlen tokens")] = 8,
+    seed: Annotated[int, seed_option("seed of the calibration sampling")] = 0,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow a model directory's own code (auto_map) to run; only for code you have read")] = False,
+) -> None:
+    """Prune one decoder block (or layer) at a time to each sparsity of --grid, everything else dense, and record
+    the held-out perplexity; `prunekit prune --allocation sensitivity --sensitivity-table OUT` then spreads a
+    sparsity over the blocks from this table (cheapest first)."""
+    start(progress, hf=True)
+    from prunekit import io
+    from prunekit.batches import resolve_bos
+    from prunekit.checks import check_seqlen
+    from prunekit.evaluate.sensitivity import sensitivity as measure
+    from prunekit.recipe import Recipe
+    from prunekit.zoo import load_text
+
+    try:
+        values = [float(x) for x in grid.split(",") if x.strip()]
+    except ValueError:
+        raise PruneError(f"--grid must be comma-separated sparsities, got {grid!r}.") from None
+    if eval_windows <= 0:
+        raise PruneError(f"--eval-windows must be positive, got {eval_windows}.")
+    rec = Recipe.make(method=method, calibration={"text": calib, "samples": calib_samples, "seqlen": seqlen, "seed": seed})
+    io.check_output(out, overwrite, inputs=[model])
+    load_text(calib, "calibration")
+    _say(f"loading {model} ...")
+    m, tok = io.load_any(model, trust_remote_code)
+    check_seqlen(m, seqlen)
+    bos = resolve_bos(tok, None)
+    from prunekit.api import _windows_from_text
+
+    cal = _windows_from_text(tok, calib, calib_samples, seqlen, seed, None) if rec.needs_data else None
+    windows = _load_windows(tok, eval_text or calib, "evaluation", seqlen, eval_windows, bos)
+    _say(f"sensitivity of every {unit} to {method} at {', '.join(f'{v:g}' for v in values)} ...")
+    t0 = time.perf_counter()
+    table = measure(m, rec, cal, windows, values, unit=unit, progress=progress)
+    table.update(model=str(Path(model).resolve()) if Path(model).is_dir() else model, calibration=rec.calibration.model_dump(),
+                 eval_text=eval_text or calib, seconds=time.perf_counter() - t0)
+    with io.atomic_dir(io.check_output(out, overwrite)) as tmp:
+        io.write_json(Path(tmp) / "sensitivity.json", table)
+        _plot_sensitivity(table, Path(tmp) / "sensitivity.png")
+    grid_keys = list(next(iter(table["units"].values()))["perplexity"])
+    print(f"dense perplexity {table['perplexity_dense']:.3f}; perplexity with one {unit} pruned:")
+    print(f"{unit:>24s}  " + "  ".join(f"{k:>8s}" for k in grid_keys))
+    for name, row in table["units"].items():
+        print(f"{name:>24s}  " + "  ".join(f"{row['perplexity'][k]:8.3f}" for k in grid_keys))
+    print(f"saved {out}/sensitivity.json in {table['seconds']:.0f} s (use it: prunekit prune {model} --allocation sensitivity "
+          f"--sensitivity-table {out} --sparsity 0.5 ...)")
+
+
+def _plot_sensitivity(table: dict, path: Path) -> None:
+    """Per unit: the perplexity increase over the grid, normalised by the largest increase of any unit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = table["perplexity_dense"]
+    rows = table["units"]
+    top = max(max(v - dense for v in r["perplexity"].values()) for r in rows.values()) or 1.0
+    fig, ax = plt.subplots(figsize=(7, 4))
+    cmap = plt.get_cmap("viridis")
+    for i, (name, r) in enumerate(rows.items()):
+        xs = [0.0] + [float(k) for k in r["perplexity"]]
+        ys = [0.0] + [(v - dense) / top for v in r["perplexity"].values()]
+        ax.plot(xs, ys, color=cmap(i / max(len(rows) - 1, 1)), lw=1, label=name.rsplit(".", 1)[-1] if len(rows) <= 12 else None)
+    ax.set_xlabel("sparsity of the one pruned unit")
+    ax.set_ylabel("perplexity increase / largest increase")
+    ax.set_title(f"{table['method']} sensitivity per {table['unit']} (dense ppl {dense:.2f}; dark = first)")
+    if len(rows) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 @app.command("eval")

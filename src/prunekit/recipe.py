@@ -115,6 +115,10 @@ class Allocation(Config):
     owl_m: float = Field(5.0, description="OWL: a score is an outlier above M x its block's mean score")
     owl_lambda: float = Field(0.08, description="OWL: block sparsities span [s - lambda, s + lambda]")
     per_layer: list[float] | None = Field(None, description="list: one sparsity per decoder layer")
+    table: str | None = Field(None, description="sensitivity: the sensitivity.json (or its directory) that "
+                              "prunekit sensitivity wrote for this model")
+    max_deviation: Fraction | None = Field(0.2, description="sensitivity: how far a block's sparsity may stray "
+                                           "from the target (None: anywhere the table reaches)")
 
     @model_validator(mode="after")
     def _list_given(self) -> Allocation:
@@ -122,6 +126,10 @@ class Allocation(Config):
             raise ValueError("kind 'list' needs per_layer: one sparsity per decoder layer")
         if self.kind != "list" and self.per_layer:
             raise ValueError("per_layer is only used with kind 'list'")
+        if self.kind == "sensitivity" and not self.table:
+            raise ValueError("kind 'sensitivity' needs table: the sensitivity.json prunekit sensitivity wrote")
+        if self.kind != "sensitivity" and self.table:
+            raise ValueError("table is only used with kind 'sensitivity'")
         return self
 
 

@@ -15,6 +15,8 @@ weights). Every kind keeps exactly ``round((1 - sparsity) * N)`` of the N weight
 * ``erk``      Erdos-Renyi-Kernel densities (Evci et al. 2020): density proportional to sum(shape) / prod(shape),
                scaled to the target; layers that would pass density 1 stay dense.
 * ``list``     an explicit sparsity per group (per decoder layer for LLMs, per layer otherwise).
+* ``sensitivity`` LLMs: a ``list`` computed from a measured sensitivity table
+               (:func:`prunekit.evaluate.sensitivity.block_sparsities`) before this function is called.
 
 Which weights a layer keeps is the method's business (Wanda compares within rows, SparseGPT updates as it
 goes); :meth:`prunekit.core.masks.Masks.from_scores` keeps each layer's highest scores.
@@ -38,6 +40,7 @@ ALLOCATIONS.register_names((
     ("lamp", "layer-adaptive magnitude scores ranked globally"),
     ("erk", "Erdos-Renyi-Kernel densities from the layer shapes"),
     ("list", "an explicit sparsity per group (decoder layer)"),
+    ("sensitivity", "per decoder block from a measured sensitivity table (prunekit sensitivity), cheapest first"),
 ))
 
 
@@ -151,6 +154,9 @@ def keep_counts(
         raise ValueError(f"slack must be 'kept' or 'removed', not {slack!r}")
     check_sparsity(sparsity)
     kind = ALLOCATIONS.canonical(kind)
+    if kind == "sensitivity":
+        raise PruneError("Allocation 'sensitivity' is turned into per-block sparsities from its table first; pass "
+                         "kind 'list' with those (prunekit.evaluate.sensitivity.block_sparsities).")
     if not 0.0 <= min_density <= 1.0:
         raise PruneError(f"The per-layer minimum density must be in [0, 1]; got {min_density}.")
     names = list(scores)
