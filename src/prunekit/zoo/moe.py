@@ -2,11 +2,11 @@
 may use), for the expert pruning benchmark and tests.
 
 A stock Hugging Face ``MixtralForCausalLM``: hidden 192, 4 layers, 6 query / 2 key-value heads, 8 experts per
-layer of width 384, top-2 routing, tied embeddings (about 8.6M parameters, 7.1M of them experts), with a byte-level
-BPE tokenizer of 8,192 tokens trained on the same mixture (SmolLM2's 49,152-token vocabulary made the output layer
-cost 3.3x the whole rest of a training step on this CPU). Trained from scratch on an even mixture of two domains
-the project ships, the calibration splits of Shakespeare (1.4M SmolLM2 tokens) and of the Python reference
-(pydoc, 80k: it is seen many times over), windows of 128 tokens, half of every batch from each, AdamW (lr 1e-3,
+layer of width 384, top-2 routing, tied embeddings (9.05M parameters, 7.1M of them experts), with a byte-level
+BPE tokenizer of 8,192 tokens trained on the same mixture (with SmolLM2's 49,152-token vocabulary the output layer
+dominated every training step on this CPU). Trained from scratch on an even mixture of two domains
+the project ships, the calibration splits of Shakespeare (1.37M tokens of its tokenizer) and of the Python reference
+(pydoc, 77k: it is seen 16 times over), windows of 128 tokens, half of every batch from each, AdamW (lr 1e-3,
 one-cycle, weight decay 0.1), Mixtral's load-balancing loss (0.02), seed 0, with the project's one training loop.
 Cached under ``$PRUNEKIT_CACHE/models/moe-mix-<steps>`` as a ``save_pretrained`` directory with its tokenizer and
 a ``train.json`` (the recipe, the time and each domain's held-out perplexity), so ``prunekit prune <that
