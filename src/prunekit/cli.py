@@ -557,6 +557,28 @@ def eval_(
 
 
 @app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="run directories: prunekit prune --out DIRs (prunekit.json) and prunekit sensitivity --out DIRs (sensitivity.json)", show_default=False)],
+    out: Annotated[Path, out_option("the HTML file to write (self-contained: opens offline in any browser)")],
+    title: Annotated[Optional[str], typer.Option(help="the page's title (default: the run names)")] = None,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
+) -> None:
+    """Compare RUNS side by side on one self-contained HTML page: a table (method, pattern, sparsity, perplexity,
+    agreement, task scores, sizes, speed, times; failed runs with their error), plots, generations, and each run's
+    recipe with the command that re-runs it."""
+    start(progress)
+    from prunekit import io
+    from prunekit.evaluate.html_report import build_report, is_report
+
+    io.check_output_file(out, overwrite, ".html", is_ours=is_report)
+    _say(f"reading {len(runs)} run(s) and drawing the plots ...")
+    path = build_report(runs, out, title=title)
+    print(f"saved {path}  ({len(runs)} run(s), {path.stat().st_size / 1024:,.0f} KiB; open it in any browser, it "
+          "needs no network)")
+
+
+@app.command()
 def recover(
     pruned: Annotated[str, typer.Argument(help="pruned model: a prunekit output directory, any model directory, zoo name or hub id")],
     out: Annotated[Path, out_option("output directory (must not exist unless --overwrite)")],
