@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -382,3 +384,168 @@ def compare(model: nn.Module, tokenizer, windows: torch.Tensor, ref: dict) -> tu
         for p, d, t in zip(ref["prompts"], ref["texts"], texts)
     ]
     return metrics, gens
+
+
+def _structure_words(st) -> str:
+    words = []
+    if st.kinds:
+        words.append(f"{','.join(st.kinds)} sparsity {st.sparsity:g}, {st.criterion}" + (", global rank" if st.global_rank else "")
+                     + (", bias compensation" if st.bias_compensation else ""))
+    if st.remove_layers:
+        words.append(f"{st.remove_layers} layer(s)")
+    if st.remove_sublayers:
+        words.append(f"{st.remove_sublayers} sublayer(s), {st.sublayer_method}")
+    return "; ".join(words)
+
+
+@dataclass
+class PrunedRun:
+    """What :func:`prune_run` made: the pruned ``model`` (in memory), its ``tokenizer``, the :class:`Report` whose
+    dict is the saved ``prunekit.json`` (``report.metrics``: perplexity, agreement, ...), the run directory ``out``,
+    and the evaluation text (``eval_text``, None when skipped)."""
+
+    model: nn.Module
+    tokenizer: object
+    report: Report
+    out: Path
+    eval_text: str | None
+
+
+def _eval_windows(tok, text: str, seqlen: int, windows: int, bos: int | None) -> torch.Tensor:
+    from prunekit.batches import evaluation_windows, tokenize
+    from prunekit.zoo import load_text
+
+    return evaluation_windows(tokenize(tok, load_text(text, "evaluation")), seqlen, windows, what=f"text {text!r}", bos=bos)
+
+
+def prune_run(model: str, out: str | Path, recipe: Recipe, *, eval_text: str | None = None, eval_windows: int = 16,
+              generations: int = 3, ood_text: str | None = None, device: str = "cpu", overwrite: bool = False,
+              trust_remote_code: bool = False, resume: bool = False, extra: dict | None = None) -> PrunedRun:
+    """One ``prunekit prune`` run (in memory, not streamed): load ``model`` (zoo name, directory or hub id), measure
+    the dense reference on ``eval_text``'s evaluation split (default: the calibration text's; after recovery or
+    distillation the training text's; ``"none"`` skips) and on the out-of-domain text, :func:`prune` as ``recipe``
+    says, compare, and write the model with its ``prunekit.json`` to ``out`` (atomically; ``extra`` fields are
+    added to the record). The command ``prunekit prune`` and the benchmark grid (:mod:`prunekit.grid`) both run
+    this; a mistake is a :class:`PruneError` before any work where it can be."""
+    from prunekit import io
+    from prunekit.batches import resolve_bos
+    from prunekit.checks import check_seqlen
+    from prunekit.core.progress import say
+    from prunekit.zoo import load_text
+
+    out = Path(out)
+    rec = recipe
+    if eval_windows <= 0:
+        raise PruneError(f"--eval-windows must be positive, got {eval_windows}.")
+    if generations < 0:
+        raise PruneError(f"--generations must be 0 or more, got {generations}.")
+    check_device(device)
+    io.check_output(out, overwrite, inputs=[model])
+
+    t0 = time.perf_counter()
+    say(f"loading {model} ...")
+    m, tok = io.load_any(model, trust_remote_code)
+    check_seqlen(m, rec.calibration.seqlen)
+    if rec.recovery is not None:
+        check_seqlen(m, rec.recovery.seqlen, "recovery seqlen")
+    times = {"load_s": time.perf_counter() - t0}
+    if rec.structure is not None:
+        from prunekit.structure.prune import check
+
+        check(adapter_for(m), m, rec.structure)  # an impossible request fails here, before any work
+    if rec.experts is not None:
+        from prunekit.structure.experts import check as check_experts
+
+        check_experts(adapter_for(m), m, rec.experts)
+
+    bos_token = resolve_bos(tok, rec.calibration.bos)
+    rec.calibration.bos = bos_token is not None  # recorded: what every window of this run starts with
+    c = rec.calibration
+    if rec.needs_data:
+        load_text(c.text, "calibration")  # an unknown text fails here, before the dense reference
+    train_text = None  # what recovery / distillation trains on
+    if rec.recovery is not None:
+        train_text = rec.recovery.text
+    elif rec.distill is not None:
+        train_text = rec.distill.text
+    if train_text is not None:
+        load_text(train_text, "calibration")
+    ev_text = c.text if eval_text is None else eval_text
+    if train_text is not None and eval_text is None:
+        ev_text = train_text  # in domain: the held-out split of the training text
+    windows = None if ev_text == "none" else _eval_windows(tok, ev_text, c.seqlen, eval_windows, bos_token)
+    ood = None
+    if train_text is not None:
+        from prunekit.zoo.text import out_of_domain
+
+        ood = out_of_domain(train_text) if ood_text is None else ood_text
+        ood = None if ood == "none" else ood
+    ood_windows = None if ood is None else _eval_windows(tok, ood, c.seqlen, eval_windows, bos_token)
+
+    metrics, ref, ood_ref = {}, None, None
+    if windows is not None:
+        t0 = time.perf_counter()
+        say(f"dense reference on {ev_text} ({windows.shape[0]} x {windows.shape[1]} tokens, {generations} generations) ...")
+        ref = reference(m, tok, windows, generations)
+        times["eval_dense_s"] = time.perf_counter() - t0
+    if ood_windows is not None:
+        say(f"dense reference on {ood}, out of domain ({ood_windows.shape[0]} x {ood_windows.shape[1]} tokens) ...")
+        ood_ref = reference(m, tok, ood_windows, 0)
+
+    if rec.structure is not None:
+        say(f"structured pruning ({_structure_words(rec.structure)}) ...")
+    elif rec.experts is not None:
+        e = rec.experts
+        say(f"expert pruning: {e.method}, {f'keep {e.keep}' if e.keep is not None else f'remove {e.sparsity:g}'} "
+            f"per layer ({e.allocation}) ...")
+    else:
+        say(f"pruning with {rec.method} ({rec.pattern}, sparsity {rec.sparsity:g}, allocation {rec.allocation.kind}) ...")
+
+    def after_prune(model, report):
+        if ref is not None:
+            report.metrics["perplexity_oneshot"] = compare(model, tok, windows, {**ref, "prompts": []})[0]["perplexity"]
+        if ood_ref is not None:
+            report.metrics["perplexity_oneshot_ood"] = compare(model, tok, ood_windows, ood_ref)[0]["perplexity"]
+        r = rec.recovery
+        if r is not None:
+            say(f"recovery: {r.method}, {r.steps} steps of {r.batch_size} x {r.seqlen} tokens ...")
+        else:
+            d = rec.distill
+            say(f"distillation: {d.steps} steps of {d.batch_size} x {d.seqlen} tokens ({d.precision}) ...")
+
+    work = None
+    if rec.distill is not None:
+        work = out.parent / f".{out.name}.distill"
+        if rec.distill.iterations > 1:
+            say(f"compress, then distil in {rec.distill.iterations} parts ({rec.distill.steps} steps in all) ...")
+    try:
+        m, rep = prune(m, rec, tokenizer=tok, after_prune=after_prune, device=device, work_dir=work, resume=resume)
+    except KeyboardInterrupt:
+        if work is not None and (work / "checkpoint" / "state.json").is_file():
+            say(f"the distillation checkpoint in {work} is kept: run the same command with --resume to continue")
+        raise
+    if ref is not None:
+        t0 = time.perf_counter()
+        metrics, rep.generations = compare(m, tok, windows, ref)
+        times["eval_s"] = time.perf_counter() - t0
+    if ood_ref is not None:
+        from prunekit.zoo.text import shared_ngrams
+
+        # what the run trained and calibrated on: the training text, and the calibration text when data was read
+        seen = load_text(train_text, "calibration")
+        if rec.needs_data and c.text and c.text != train_text:
+            seen += "\n" + load_text(c.text, "calibration")
+        ood_metrics = compare(m, tok, ood_windows, ood_ref)[0]
+        metrics["ood"] = {"text": ood, **ood_metrics, "shared_13grams_with_training": shared_ngrams(seen, load_text(ood, "evaluation"))}
+        if windows is not None:
+            metrics["shared_13grams_with_training"] = shared_ngrams(seen, load_text(ev_text, "evaluation"))
+    rep.times = {**times, **rep.times}
+    rep.metrics = {**rep.metrics, **metrics}
+    rep.source = str(Path(model).resolve()) if Path(model).is_dir() else model
+
+    io.save(m, tok, out, {**rep.to_dict(), **(extra or {})}, overwrite=overwrite)
+    if work is not None and work.exists():
+        import shutil
+
+        shutil.rmtree(work)  # the result is written: its checkpoint is no longer needed
+    return PrunedRun(m, tok, rep, out, None if windows is None else ev_text)

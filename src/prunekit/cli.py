@@ -121,12 +121,9 @@ def prune(
     channels or layers are removed and the saved model is smaller; it says whether stock transformers loads it.
     """
     start(progress, hf=True)
-    from prunekit import api, io
+    from prunekit import api
     from prunekit.arch import adapter_for
-    from prunekit.batches import resolve_bos
-    from prunekit.checks import check_device, check_seqlen
     from prunekit.recipe import Recipe
-    from prunekit.zoo import load_text
 
     fields: dict = {}
     if recipe is not None:
@@ -212,120 +209,11 @@ def prune(
         _prune_streamed(model, out, rec, resume=resume, offload_dir=offload_dir, fmt=out_format, overwrite=overwrite,
                         device=device, progress=progress)
         return
-    if eval_windows <= 0:
-        raise PruneError(f"--eval-windows must be positive, got {eval_windows}.")
-    if generations < 0:
-        raise PruneError(f"--generations must be 0 or more, got {generations}.")
-    check_device(device)
-    io.check_output(out, overwrite, inputs=[model])
-
-    t0 = time.perf_counter()
-    _say(f"loading {model} ...")
-    m, tok = io.load_any(model, trust_remote_code)
-    check_seqlen(m, rec.calibration.seqlen)
-    if rec.recovery is not None:
-        check_seqlen(m, rec.recovery.seqlen, "recovery seqlen")
-    times = {"load_s": time.perf_counter() - t0}
-    if rec.structure is not None:
-        from prunekit.structure.prune import check
-
-        check(adapter_for(m), m, rec.structure)  # an impossible request fails here, before any work
-    if rec.experts is not None:
-        from prunekit.structure.experts import check as check_experts
-
-        check_experts(adapter_for(m), m, rec.experts)
-
-    bos_token = resolve_bos(tok, rec.calibration.bos)
-    rec.calibration.bos = bos_token is not None  # recorded: what every window of this run starts with
-    c = rec.calibration
-    if rec.needs_data:
-        load_text(c.text, "calibration")  # an unknown text fails here, before the dense reference
-    train_text = None  # what recovery / distillation trains on
-    if rec.recovery is not None:
-        train_text = rec.recovery.text
-    elif rec.distill is not None:
-        train_text = rec.distill.text
-    if train_text is not None:
-        load_text(train_text, "calibration")
-    ev_text = c.text if eval_text is None else eval_text
-    if train_text is not None and eval_text is None:
-        ev_text = train_text  # in domain: the held-out split of the training text
-    windows = None if ev_text == "none" else _load_windows(tok, ev_text, "evaluation", c.seqlen, eval_windows, bos_token)
-    ood = None
-    if train_text is not None:
-        from prunekit.zoo.text import out_of_domain
-
-        ood = out_of_domain(train_text) if ood_text is None else ood_text
-        ood = None if ood == "none" else ood
-    ood_windows = None if ood is None else _load_windows(tok, ood, "evaluation", c.seqlen, eval_windows, bos_token)
-
-    metrics, ref, ood_ref = {}, None, None
-    if windows is not None:
-        t0 = time.perf_counter()
-        _say(f"dense reference on {ev_text} ({windows.shape[0]} x {windows.shape[1]} tokens, {generations} generations) ...")
-        ref = api.reference(m, tok, windows, generations)
-        times["eval_dense_s"] = time.perf_counter() - t0
-    if ood_windows is not None:
-        _say(f"dense reference on {ood}, out of domain ({ood_windows.shape[0]} x {ood_windows.shape[1]} tokens) ...")
-        ood_ref = api.reference(m, tok, ood_windows, 0)
-
-    if rec.structure is not None:
-        _say(f"structured pruning ({_structure_words(rec.structure)}) ...")
-    elif rec.experts is not None:
-        e = rec.experts
-        _say(f"expert pruning: {e.method}, {f'keep {e.keep}' if e.keep is not None else f'remove {e.sparsity:g}'} "
-             f"per layer ({e.allocation}) ...")
-    else:
-        _say(f"pruning with {rec.method} ({rec.pattern}, sparsity {rec.sparsity:g}, allocation {rec.allocation.kind}) ...")
-
-    def after_prune(model, report):
-        if ref is not None:
-            report.metrics["perplexity_oneshot"] = api.compare(model, tok, windows, {**ref, "prompts": []})[0]["perplexity"]
-        if ood_ref is not None:
-            report.metrics["perplexity_oneshot_ood"] = api.compare(model, tok, ood_windows, ood_ref)[0]["perplexity"]
-        r = rec.recovery
-        if r is not None:
-            _say(f"recovery: {r.method}, {r.steps} steps of {r.batch_size} x {r.seqlen} tokens ...")
-        else:
-            d = rec.distill
-            _say(f"distillation: {d.steps} steps of {d.batch_size} x {d.seqlen} tokens ({d.precision}) ...")
-
-    work = None
-    if rec.distill is not None:
-        work = out.parent / f".{out.name}.distill"
-        if rec.distill.iterations > 1:
-            _say(f"compress, then distil in {rec.distill.iterations} parts ({rec.distill.steps} steps in all) ...")
-    try:
-        m, rep = api.prune(m, rec, tokenizer=tok, after_prune=after_prune, device=device, work_dir=work, resume=resume)
-    except KeyboardInterrupt:
-        if work is not None and (work / "checkpoint" / "state.json").is_file():
-            _say(f"the distillation checkpoint in {work} is kept: run the same command with --resume to continue")
-        raise
-    if ref is not None:
-        t0 = time.perf_counter()
-        metrics, rep.generations = api.compare(m, tok, windows, ref)
-        times["eval_s"] = time.perf_counter() - t0
-    if ood_ref is not None:
-        from prunekit.zoo.text import shared_ngrams
-
-        # what the run trained and calibrated on: the training text, and the calibration text when data was read
-        seen = load_text(train_text, "calibration")
-        if rec.needs_data and c.text and c.text != train_text:
-            seen += "\n" + load_text(c.text, "calibration")
-        ood_metrics = api.compare(m, tok, ood_windows, ood_ref)[0]
-        metrics["ood"] = {"text": ood, **ood_metrics, "shared_13grams_with_training": shared_ngrams(seen, load_text(ood, "evaluation"))}
-        if windows is not None:
-            metrics["shared_13grams_with_training"] = shared_ngrams(seen, load_text(ev_text, "evaluation"))
-    rep.times = {**times, **rep.times}
-    rep.metrics = {**rep.metrics, **metrics}
-    rep.source = str(Path(model).resolve()) if Path(model).is_dir() else model
-
-    manifest = rep.to_dict()
-    io.save(m, tok, out, manifest, overwrite=overwrite)
-    if work is not None and work.exists():
-        import shutil
-
-        shutil.rmtree(work)  # the result is written: its checkpoint is no longer needed
+    res = api.prune_run(model, out, rec, eval_text=eval_text, eval_windows=eval_windows, generations=generations,
+                        ood_text=ood_text, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                        resume=resume)
+    m, rep, ev_text = res.model, res.report, res.eval_text
+    metrics = rep.metrics
     if rec.structure is not None:
         from prunekit.structure import summary_lines
 
@@ -343,7 +231,7 @@ def prune(
         print(f"distilled: {d['steps']} steps ({d['parts']} part(s), {d['tokens']:,} tokens, {d['precision']}) in "
               f"{d['seconds'] / 60:.1f} min, loss {d['loss_first']:.3f} -> {d['loss_last']:.3f}"
               + (f"; resumed at step {d['resumed_at_step']}" if "resumed_at_step" in d else ""))
-    if windows is not None:
+    if ev_text is not None:
         print(
             f"perplexity  dense {metrics['perplexity_dense']:.2f}  ->  pruned {metrics['perplexity']:.2f}  "
             f"(top-1 agreement with dense {metrics['agreement']:.3f}; {ev_text}, evaluation split)"
@@ -387,18 +275,6 @@ def _prune_streamed(model, out, rec, *, resume, offload_dir, fmt, overwrite, dev
     else:
         print(f"saved {out}  (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'); evaluate with "
               f"prunekit eval {out})")
-
-
-def _structure_words(st) -> str:
-    words = []
-    if st.kinds:
-        words.append(f"{','.join(st.kinds)} sparsity {st.sparsity:g}, {st.criterion}" + (", global rank" if st.global_rank else "")
-                     + (", bias compensation" if st.bias_compensation else ""))
-    if st.remove_layers:
-        words.append(f"{st.remove_layers} layer(s)")
-    if st.remove_sublayers:
-        words.append(f"{st.remove_sublayers} sublayer(s), {st.sublayer_method}")
-    return "; ".join(words)
 
 
 def _stock_sizes(m) -> str:
@@ -505,12 +381,17 @@ def eval_(
     seqlen: Annotated[int, typer.Option(help="tokens per window")] = 256,
     windows: Annotated[int, typer.Option(help="number of non-overlapping windows (from the start)")] = 64,
     reference: Annotated[Optional[str], typer.Option(help="dense model to measure top-1 agreement against")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="comma-separated tasks of the lm-evaluation-harness: prunekit's offline kick-closed, kick-open, shakespeare-cloze, shakespeare-speaker, factoid, or any harness task name")] = None,
+    limit: Annotated[Optional[float], typer.Option(help="at most this many documents per task (a fraction of each task when < 1)")] = None,
+    fewshot: Annotated[Optional[int], typer.Option(help="few-shot examples per task document (default: the task's own)")] = None,
+    batch_size: Annotated[int, typer.Option(help="task evaluation batch size")] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help=_BOS_HELP)] = None,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow a model directory's own code (auto_map) to run; only for code you have read")] = False,
     progress: Progress = True,
 ) -> None:
-    """Perplexity of MODEL on the evaluation split of TEXT, with its sparsity and size."""
+    """Perplexity of MODEL on the evaluation split of TEXT, with its sparsity and size; with --tasks, task scores
+    through the lm-evaluation-harness too (written into MODEL's prunekit.json when MODEL is a prunekit run)."""
     start(progress, hf=True)
     from prunekit import api, io
     from prunekit.batches import resolve_bos
@@ -519,6 +400,18 @@ def eval_(
 
     if seqlen <= 0 or windows <= 0:
         raise PruneError("--seqlen and --windows must be positive integers.")
+    if batch_size <= 0:
+        raise PruneError(f"--batch-size must be positive, got {batch_size}.")
+    task_names = None
+    if tasks is not None:
+        from prunekit.evaluate.tasks import parse_tasks, task_manager
+
+        if limit is not None and limit <= 0:
+            raise PruneError(f"--limit must be positive, got {limit:g}.")
+        task_names = parse_tasks(tasks)
+        task_manager(task_names)  # an unknown task fails here, before any loading
+    elif limit is not None or fewshot is not None:
+        raise PruneError("--limit and --fewshot apply to --tasks; name the tasks with --tasks.")
     load_text(text, "evaluation")  # an unknown text fails here, before any loading
     if reference is not None:
         from prunekit.zoo.models import resolve_model
@@ -541,6 +434,16 @@ def eval_(
         res["reference"] = reference
     res.update({"text": text, "windows": int(w.shape[0]), "seqlen": seqlen, "bos": bos_token is not None})
     man = io.read_manifest(model) if Path(model).is_dir() else None
+    if task_names:
+        from prunekit.evaluate.tasks import record_tasks, run_tasks
+
+        _say(f"tasks {', '.join(task_names)} (lm-evaluation-harness) ...")
+        t0 = time.perf_counter()
+        lim = int(limit) if limit is not None and limit >= 1 else limit
+        res["tasks"] = run_tasks(m, tok, task_names, limit=lim, batch_size=batch_size, num_fewshot=fewshot)
+        res["tasks_s"] = time.perf_counter() - t0
+        if man:
+            record_tasks(model, res["tasks"], {"limit": lim, "fewshot": fewshot})
     if man:
         res["recipe"] = man.get("recipe")
     if as_json:
@@ -551,6 +454,12 @@ def eval_(
     print(f"sparsity of block linear layers {res['sparsity']:.4f}  params {res['params']:,}  non-zeros {res['nonzeros']:,}")
     if "agreement" in res:
         print(f"top-1 next-token agreement with {reference}: {res['agreement']:.4f}")
+    if task_names:
+        from prunekit.evaluate.tasks import lines as task_lines
+
+        print("\n".join(task_lines(res["tasks"])))
+        if man:
+            print(f"task scores written into {Path(model) / io.MANIFEST}")
     if man:
         r = man.get("recipe", {})
         print(f"pruned by prunekit: {r.get('method')} {r.get('pattern')} sparsity {r.get('sparsity')}")
@@ -576,6 +485,37 @@ def report(
     path = build_report(runs, out, title=title)
     print(f"saved {path}  ({len(runs)} run(s), {path.stat().st_size / 1024:,.0f} KiB; open it in any browser, it "
           "needs no network)")
+
+
+@app.command()
+def bench(
+    grid_file: Annotated[Path, typer.Argument(help="YAML/JSON grid file: model, base, axes, runs, evaluation, tasks, speed, keep_models, threads (README: Benchmark grids)", show_default=False)],
+    out: Annotated[Optional[Path], out_option("the grid's directory: a run directory per entry, grid.json, grid.md, report.html (default: the grid file's out)")] = None,
+    engine: Annotated[str, typer.Option(help="local (one run at a time, in this process) | ray (one Ray task per run; local Ray unless --ray-address)")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(help="--engine ray: a Ray cluster address, e.g. ray://host:10001 (OUT must be on storage every node shares)")] = None,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="write OUT/report.html of every run (prunekit report)")] = True,
+    overwrite: Annotated[bool, typer.Option(help="redo runs that are complete (default: they are skipped, so an interrupted grid resumes)")] = False,
+    progress: Progress = True,
+) -> None:
+    """Run a grid of pruning runs (methods x sparsities x patterns x allocations x recovery, ...) from GRID_FILE: every
+    entry validated first, each run what `prunekit prune` does (+ tasks, speed), a failed run recorded and the rest
+    go on; grid.json and grid.md hold one row per run. Exit 1 when a run failed (its error is in its row)."""
+    start(progress, hf=True)
+    from prunekit.grid import load_grid, run_grid
+
+    grid = load_grid(grid_file)
+    try:
+        res = run_grid(grid, out, engine=engine, address=ray_address, overwrite=overwrite, report=report,
+                       source=grid_file, echo=print)
+    except KeyboardInterrupt:
+        _say("interrupted; the runs that finished are kept: run the same command again to continue")
+        raise SystemExit(130) from None
+    counts = f"{res.ok} ok" + (f", {res.failed} failed" if res.failed else "") + (
+        f" ({res.skipped} done before, skipped)" if res.skipped else "")
+    print(f"{len(res.rows)} run(s): {counts}; saved {res.json_path} and {res.md_path}"
+          + (f"; report {res.report_path}" if res.report_path else ""))
+    if res.failed:
+        raise typer.Exit(1)
 
 
 @app.command()
