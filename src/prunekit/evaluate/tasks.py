@@ -281,6 +281,11 @@ def _harness():
 
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    import lm_eval.evaluator as ev
+
+    # the harness runs `git describe` in the working directory for its own record (unused here); outside a git
+    # checkout git prints "fatal: not a git repository" to the terminal
+    ev.get_git_commit_hash = lambda: None
 
 
 _MANAGERS: dict = {}
