@@ -80,7 +80,7 @@ def test_recover_keeps_mask_and_lowers_perplexity(ids, method):
         assert not torch.equal(w, before[n]), f"{n}: the kept weights did not train (LoRA not merged?)"
     ppl_after = perplexity(model, ids)
     assert ppl_after < 0.8 * ppl_before, (ppl_before, ppl_after)
-    assert set(stats) == {"steps", "loss_first", "loss_last", "seconds", "trainable_params"}
+    assert set(stats) == {"steps", "loss_first", "loss_last", "seconds", "trainable_params", "selection"}
     assert stats["steps"] == 30 and stats["loss_last"] < stats["loss_first"]
     assert not model.training
     assert all(p.requires_grad and p.grad is None for p in model.parameters())

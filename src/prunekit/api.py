@@ -97,14 +97,30 @@ def _allocate(recipe, model, adapter, per_block, flat, method, batches, device, 
         scores = _dense_importance(model, adapter, per_block, method, batches, recipe, device, progress, stream)
     else:  # only the shapes matter
         scores = {name: weight_matrix(m) for name, m in flat}
-    kind, per_group = a.kind, a.per_layer
+    kind, per_group, curves, grid = a.kind, a.per_layer, None, None
+    if kind == "rd":  # measured output-distortion curves, solved by dynamic programming (core.allocate.rd_sparsities)
+        from prunekit.evaluate.sensitivity import read_table, rd_curves, sensitivity
+
+        if a.table:
+            table = read_table(a.table)
+        else:
+            if stream is not None:
+                raise PruneError("Allocation rd measures every unit of the whole model in memory; with --stream give "
+                                 "the table of prunekit sensitivity --measure distortion.")
+            if batches is None:
+                raise PruneError("Allocation rd measures output distortion on calibration windows; pass calibration_batches.")
+            table = sensitivity(model, recipe, batches, batches[: a.rd_windows], a.rd_grid, unit=a.rd_unit,
+                                device=device, progress=progress, measure="distortion")
+        curves, grid, unit = rd_curves(table, len(per_block), adapter.blocks_path, [n for n, _ in flat])
+        if unit == "layer":
+            groups = None
     if kind == "sensitivity":  # the measured table, turned into one sparsity per decoder block
         from prunekit.evaluate.sensitivity import block_sparsities, read_table
 
         kind, per_group = "list", block_sparsities(read_table(a.table), len(per_block), adapter.blocks_path, s,
                                                    a.max_deviation)
     keep = keep_counts(scores, s, kind, min_density=a.min_density, groups=groups, slack="removed", owl_m=a.owl_m,
-                       owl_lambda=a.owl_lambda, per_group=per_group, owl_ratios=ratios)
+                       owl_lambda=a.owl_lambda, per_group=per_group, owl_ratios=ratios, rd_curves=curves, rd_grid=grid)
     del scores
     return {name: weight_matrix(m).numel() - keep[name] for name, m in flat}
 
@@ -164,6 +180,7 @@ def prune(
     distill_batches: torch.Tensor | None = None,
     work_dir=None,
     resume: bool = False,
+    general_batches: torch.Tensor | None = None,
 ) -> tuple[nn.Module, Report]:
     """Prune ``model`` in place as ``recipe`` says and return it with a :class:`Report`; every section of the
     recipe is carried out, and the recorded recipe says what was used.
@@ -184,6 +201,9 @@ def prune(
     ``distill_batches`` default to windows of ``recipe.distill.text`` drawn with ``tokenizer``; ``work_dir`` keeps
     resumable checkpoints, ``resume`` continues them. The returned model is then the distilled student (a new
     object when a checkpoint was resumed).
+
+    ``general_batches``: method d-pruner's general-text windows (default: drawn with ``tokenizer`` from its
+    ``options.general_text``, else the bundled text that is not the calibration text).
     """
     if recipe is None:
         recipe = Recipe()
@@ -207,14 +227,28 @@ def prune(
             "text": None if "text" not in cal.model_fields_set else cal.text, "samples": int(n), "seqlen": int(seqlen)})})
     recipe = _record_bos(model, recipe, calibration_batches, bos)
     recipe = resolve_chunks(model, recipe, calibration_batches, device)
+    if recipe.method == "d-pruner" and general_batches is None and recipe.options.get("lam", 0) > 0:
+        if tokenizer is None:
+            raise PruneError("D-Pruner needs windows of its general text: pass tokenizer= or general_batches=.")
+        from prunekit.zoo.text import out_of_domain
+
+        o = recipe.options
+        text = o.get("general_text") or out_of_domain(cal.text or "shakespeare")
+        general_batches = _windows_from_text(tokenizer, text, o["general_samples"], recipe.calibration.seqlen, cal.seed,
+                                             cal.bos)
+        recipe = recipe.model_copy(update={"options": {**o, "general_text": text}})
     rec = recipe.recovery
     if rec is not None:
         if recovery_batches is None and tokenizer is None:
             raise PruneError("The recipe has a recovery section: pass tokenizer= (its text is drawn from "
                              "recovery.text) or recovery_batches=, or drop the section.")
-        if rec.method != "distill" and teacher is not None:
-            raise PruneError(f"A teacher is only used by recovery method distill, not {rec.method}.")
-        if rec.method == "distill" and teacher is None:
+        needs_teacher = rec.method == "distill" or rec.select == "paser"  # paser: divergence from the dense model
+        if not needs_teacher and teacher is not None:
+            raise PruneError(f"A teacher is only used by recovery method distill and select paser, not {rec.method} "
+                             f"with select {rec.select}.")
+        if rec.select == "paser" and tokenizer is None:
+            raise PruneError("Recovery select paser embeds the text of each recovery window; pass tokenizer=.")
+        if needs_teacher and teacher is None:
             import copy
 
             teacher = copy.deepcopy(model)
@@ -232,15 +266,15 @@ def prune(
         return compress_and_distill(model, recipe, calibration_batches, distill_batches, teacher=teacher,
                                     work_dir=work_dir, resume=resume, after_prune=after_prune, device=device,
                                     progress=progress)
-    model, report = _prune_only(model, recipe, calibration_batches, device, progress)
+    model, report = _prune_only(model, recipe, calibration_batches, device, progress, general_batches=general_batches)
     if rec is not None:
         from prunekit.train import recover
 
         if after_prune is not None:
             after_prune(model, report)
         t0 = time.perf_counter()
-        model, stats = recover(model, rec, recovery_batches, teacher=teacher, structured=recipe.structure is not None,
-                               progress=progress)
+        model, stats = recover(model, rec, recovery_batches, teacher=teacher, tokenizer=tokenizer,
+                               structured=recipe.structure is not None, progress=progress)
         report.times["recovery_s"] = time.perf_counter() - t0
         report.summary["recovery"] = stats
         layers = [t for block in target_layers(model, adapter_for(model)) for t in block]
@@ -249,7 +283,8 @@ def prune(
     return model, report
 
 
-def _prune_only(model, recipe: Recipe, calibration_batches, device, progress, stream=None) -> tuple[nn.Module, Report]:
+def _prune_only(model, recipe: Recipe, calibration_batches, device, progress, stream=None,
+                general_batches=None) -> tuple[nn.Module, Report]:
     """Prune in place; ``stream`` (:class:`prunekit.stream.BlockStream`): ``model`` is a skeleton whose blocks
     are read from disk, pruned and written one at a time (the same selection, bit for bit)."""
     if recipe.structure is not None:  # heads / MLP channels / layers removed for real (prunekit.structure)
@@ -281,6 +316,8 @@ def _prune_only(model, recipe: Recipe, calibration_batches, device, progress, st
     times: dict[str, float] = {}
     t_all = time.perf_counter()
     t0 = time.perf_counter()
+    if general_batches is not None:  # d-pruner's general-text windows
+        method.general_batches = general_batches
     if stream is None:
         method.prepare(model, calibration_batches, flat, progress)
     if time.perf_counter() - t0 > 1e-3:
@@ -441,6 +478,8 @@ def prune_run(model: str, out: str | Path, recipe: Recipe, *, eval_text: str | N
         raise PruneError(f"--generations must be 0 or more, got {generations}.")
     check_device(device)
     io.check_output(out, overwrite, inputs=[model])
+    if rec.method == "d-pruner" and rec.options.get("general_text"):
+        load_text(rec.options["general_text"], "calibration")  # an unknown general text fails before any work
 
     t0 = time.perf_counter()
     say(f"loading {model} ...")

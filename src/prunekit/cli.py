@@ -61,16 +61,20 @@ _BOS_HELP = "start every window with the begin-of-sequence token (default: as th
 def prune(
     model: Annotated[str, typer.Argument(help="zoo name (smollm2-135m), model directory or hub id")],
     out: Annotated[Path, out_option("output directory (must not exist unless --overwrite)")],
-    method: Annotated[Optional[str], typer.Option(help="magnitude | wanda | sparsegpt | gblm")] = None,
+    method: Annotated[Optional[str], typer.Option(help="magnitude | wanda | sparsegpt | gblm | d-pruner (domain Taylor importance + a general-knowledge Fisher regulariser)")] = None,
     sparsity: Annotated[Optional[float], typer.Option(help="fraction removed, [0, 1): of the weights of each layer, or with --structure of each sublayer's weights (hidden: channels)")] = None,
     pattern: Annotated[Optional[str], typer.Option(help="unstructured, or N:M (N zeros in every M), e.g. 2:4")] = None,
-    allocation: Annotated[Optional[str], typer.Option(help="uniform | global | owl | list | sensitivity: how sparsity spreads over layers")] = None,
+    allocation: Annotated[Optional[str], typer.Option(help="uniform | global | owl | lamp | list | sensitivity | rd (rate-distortion: measured output-distortion curves, dynamic program): how sparsity spreads over layers")] = None,
+    rd_grid: Annotated[Optional[str], typer.Option(help="--allocation rd: comma-separated sparsities each unit's output distortion is measured at (default 0.1,...,0.9)")] = None,
+    rd_unit: Annotated[Optional[str], typer.Option(help="--allocation rd: block (default) | layer: the unit of one distortion curve")] = None,
     min_density: Annotated[Optional[float], typer.Option(help="global: least fraction of weights each layer keeps")] = None,
     owl_m: Annotated[Optional[float], typer.Option(help="OWL: outlier threshold, multiple of the mean score")] = None,
     owl_lambda: Annotated[Optional[float], typer.Option(help="OWL: half-range of the layer sparsities")] = None,
     per_layer: Annotated[Optional[str], typer.Option(help="list: comma-separated sparsity per decoder layer")] = None,
-    sensitivity_table: Annotated[Optional[str], typer.Option(help="--allocation sensitivity: the sensitivity.json (or its directory) of prunekit sensitivity")] = None,
+    sensitivity_table: Annotated[Optional[str], typer.Option(help="--allocation sensitivity / rd: the sensitivity.json (or its directory) of prunekit sensitivity (rd: --measure distortion)")] = None,
     gblm_alpha: Annotated[Optional[float], typer.Option(help="GBLM: weight of the gradient term (0 = Wanda)")] = None,
+    dpruner_lambda: Annotated[Optional[float], typer.Option(help="d-pruner: weight of the general-knowledge regulariser (0 = the domain's gradient-only importance; default 0.5)")] = None,
+    general_text: Annotated[Optional[str], typer.Option(help="d-pruner: the general text whose Fisher the regulariser keeps (default: the bundled text that is not --calib)")] = None,
     calib_mode: Annotated[Optional[str], typer.Option(help="sequential (default) or one-pass")] = None,
     calib_batch_size: Annotated[Optional[str], typer.Option(help="sequences per calibration forward pass (default 8), or 'all' (the whole set per block when memory allows)")] = None,
     calib_precision: Annotated[Optional[str], typer.Option(help="fp32 (default) | bf16: calibration forwards in bfloat16 autocast (faster on AMX CPUs and GPUs)")] = None,
@@ -94,13 +98,23 @@ def prune(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow a model directory's own code (auto_map) to run; only for code you have read")] = False,
     structure: Annotated[Optional[str], typer.Option(help="structured: what to remove in width, any of heads,mlp,hidden (hidden = residual stream; the model shrinks)")] = None,
     ratio: Annotated[Optional[float], typer.Option(help="old spelling of --sparsity with --structure (deprecated)", hidden=True)] = None,
-    criterion: Annotated[Optional[str], typer.Option(help="structured: fluctuation (FLAP, default) | magnitude | magnitude-l1 | taylor | random")] = None,
+    criterion: Annotated[Optional[str], typer.Option(help="structured: fluctuation (FLAP, default) | magnitude | magnitude-l1 | taylor | random | cfsp (block ratios from angular distance) | loraprune (LoRA-gradient importance, iterative rounds with LoRA training)")] = None,
     global_rank: Annotated[bool, typer.Option("--global-rank", help="structured: rank standardized scores over all layers (sizes then differ per layer)")] = False,
     bias_compensation: Annotated[bool, typer.Option("--bias-compensation", help="structured: add the removed channels' mean output to o_proj/down_proj biases (FLAP)")] = False,
     gqa: Annotated[Optional[str], typer.Option(help="structured, GQA models: query (one query head in every kv group, default) | kv (whole kv groups)")] = None,
     remove_layers: Annotated[Optional[int], typer.Option(help="structured: remove this many whole layers, lowest block influence first")] = None,
     remove_sublayers: Annotated[Optional[int], typer.Option(help="structured: remove this many attention / MLP sublayers")] = None,
     sublayer_method: Annotated[Optional[str], typer.Option(help="structured: influence (one pass, default) | greedy (FinerCut, slower)")] = None,
+    learn: Annotated[Optional[str], typer.Option(help="structured: learn the heads / MLP masks instead of scoring them: compresso (hard-concrete gates + LoRA under a target-size Lagrangian, then removed for real)")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="--criterion loraprune: pruning rounds to the target, LoRA training before each (default 2)")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="--criterion loraprune: moving average of the importance over LoRA steps, in [0, 1) (default 0.9)")] = None,
+    lora_steps: Annotated[Optional[int], typer.Option(help="loraprune / compresso: LoRA training steps in all (default 80)")] = None,
+    lora_lr: Annotated[Optional[float], typer.Option(help="loraprune / compresso: LoRA learning rate (default 5e-4)")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(help="loraprune / compresso: LoRA rank (default 8)")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="loraprune / compresso: LoRA alpha, the scaling is alpha / rank (default 16)")] = None,
+    lora_batch_size: Annotated[Optional[int], typer.Option(help="loraprune / compresso: calibration windows per LoRA step (default 4)")] = None,
+    gate_lr: Annotated[Optional[float], typer.Option(help="--learn compresso: learning rate of the gates and Lagrange multipliers (default 0.1)")] = None,
+    collaborative_prompt: Annotated[bool, typer.Option("--collaborative-prompt", help="--learn compresso: put the collaborative prompt (the model is told it is being pruned) before every training window")] = False,
     experts: Annotated[Optional[str], typer.Option(help="mixture of experts: remove or merge whole experts per layer by frequency | reap | enumerate | merge")] = None,
     keep_experts: Annotated[Optional[int], typer.Option(help="with --experts: experts kept in each MoE layer (or --sparsity: the fraction removed)")] = None,
     experts_allocation: Annotated[Optional[str], typer.Option(help="with --experts: uniform (default) | global (one budget over layers by score)")] = None,
@@ -111,6 +125,8 @@ def prune(
     out_format: Annotated[str, typer.Option("--format", help="with --stream: safetensors (dense, default; vLLM loads it) | compressed-tensors (bitmask / 2:4 sparse, smaller on disk)")] = "safetensors",
     distill: Annotated[Optional[int], typer.Option("--distill", help="then distil from the dense model for this many steps (every weight trained, zeros kept; resumable with --resume)")] = None,
     distill_iterations: Annotated[Optional[int], typer.Option(help="with --structure: prune in this many parts, distilling after each (Minitron)")] = None,
+    schedule: Annotated[Optional[str], typer.Option("--schedule", help="with --distill and --structure heads/mlp: how each part is shared out over the blocks: even (default) | adapt-pruner (by block angular distance, re-measured before every part)")] = None,
+    adapt_amplitude: Annotated[Optional[float], typer.Option(help="with --schedule adapt-pruner: per part, how far a block's sparsity moves from the even step times its normalized importance (default 0.02)")] = None,
     distill_text: Annotated[Optional[str], typer.Option(help="distillation text, its calibration split: shakespeare | pydoc | PATH.txt")] = None,
     distill_precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 (forward passes in bfloat16 autocast: much faster on CPUs with AMX)")] = None,
     ood_text: Annotated[Optional[str], typer.Option(help="with --recover / --distill: a text the training never saw, also evaluated (default: pydoc after shakespeare, else shakespeare); 'none' skips")] = None,
@@ -143,13 +159,16 @@ def prune(
         sparsity, structured = ratio, True  # --ratio always meant the structure section
     flags = {"method": method, "sparsity": None if structured or by_experts else sparsity, "pattern": pattern}
     fields.update({k: v for k, v in flags.items() if v is not None})
-    opts = {k: v for k, v in {"blocksize": blocksize, "dampening": dampening, "alpha": gblm_alpha}.items() if v is not None}
+    opts = {k: v for k, v in {"blocksize": blocksize, "dampening": dampening, "alpha": gblm_alpha, "lam": dpruner_lambda,
+                              "general_text": general_text}.items() if v is not None}
     if opts:  # method options: each flag belongs to one method
-        owner = {"blocksize": "sparsegpt", "dampening": "sparsegpt", "alpha": "gblm"}
+        owner = {"blocksize": "sparsegpt", "dampening": "sparsegpt", "alpha": "gblm", "lam": "d-pruner",
+                 "general_text": "d-pruner"}
         m_name = fields.get("method", "wanda")
         wrong = [k for k in opts if owner[k] != m_name]
         if wrong:
-            flag = {"blocksize": "--blocksize", "dampening": "--dampening", "alpha": "--gblm-alpha"}[wrong[0]]
+            flag = {"blocksize": "--blocksize", "dampening": "--dampening", "alpha": "--gblm-alpha",
+                    "lam": "--dpruner-lambda", "general_text": "--general-text"}[wrong[0]]
             raise PruneError(f"{flag} is an option of method {owner[wrong[0]]}, not {m_name}; drop it or use --method {owner[wrong[0]]}.")
         fields["options"] = {**dict(fields.get("options") or {}), **opts}
     alloc = dict(fields.get("allocation", {}))
@@ -159,8 +178,15 @@ def prune(
             layers_list = [float(x) for x in per_layer.split(",")]
         except ValueError:
             raise PruneError(f"--per-layer must be comma-separated numbers, got {per_layer!r}.") from None
+    rd_list = None
+    if rd_grid is not None:
+        try:
+            rd_list = [float(x) for x in rd_grid.split(",") if x.strip()]
+        except ValueError:
+            raise PruneError(f"--rd-grid must be comma-separated sparsities, got {rd_grid!r}.") from None
     alloc.update({k: v for k, v in {"kind": allocation, "min_density": min_density, "owl_m": owl_m, "owl_lambda": owl_lambda,
-                                    "per_layer": layers_list, "table": sensitivity_table}.items() if v is not None})
+                                    "per_layer": layers_list, "table": sensitivity_table, "rd_grid": rd_list,
+                                    "rd_unit": rd_unit}.items() if v is not None})
     if alloc:
         fields["allocation"] = alloc
     if exclude:
@@ -183,6 +209,8 @@ def prune(
     st_flags = {"kinds": None if structure is None else [k.strip() for k in structure.split(",") if k.strip()],
                 "sparsity": sparsity if structured else None, "criterion": criterion, "gqa": gqa, "remove_layers": remove_layers,
                 "remove_sublayers": remove_sublayers, "sublayer_method": sublayer_method,
+                "learn": learn, "rounds": rounds, "beta": beta, "lora_steps": lora_steps, "lora_lr": lora_lr,
+                "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_batch_size": lora_batch_size, "gate_lr": gate_lr, "collaborative_prompt": True if collaborative_prompt else None,
                 "global_rank": True if global_rank else None, "bias_compensation": True if bias_compensation else None}
     st.update({k: v for k, v in st_flags.items() if v is not None})
     if st:
@@ -195,7 +223,8 @@ def prune(
         fields["experts"] = ex
     dst = dict(fields.get("distill") or {})
     dst.update({k: v for k, v in {"steps": distill, "iterations": distill_iterations, "text": distill_text,
-                                  "precision": distill_precision}.items() if v is not None})
+                                  "precision": distill_precision, "schedule": schedule,
+                                  "adapt_amplitude": adapt_amplitude}.items() if v is not None})
     if dst:
         fields["distill"] = dst
     rec = Recipe.make(**fields)
@@ -231,6 +260,8 @@ def prune(
         print(f"distilled: {d['steps']} steps ({d['parts']} part(s), {d['tokens']:,} tokens, {d['precision']}) in "
               f"{d['seconds'] / 60:.1f} min, loss {d['loss_first']:.3f} -> {d['loss_last']:.3f}"
               + (f"; resumed at step {d['resumed_at_step']}" if "resumed_at_step" in d else ""))
+        if "journey" in rep.summary:
+            print(f"journey: {rep.summary['journey']['average_params']:,.0f} parameters on average over the training steps")
     if ev_text is not None:
         print(
             f"perplexity  dense {metrics['perplexity_dense']:.2f}  ->  pruned {metrics['perplexity']:.2f}  "
@@ -293,6 +324,7 @@ def sensitivity(
     method: Annotated[str, typer.Option(help="magnitude | wanda | sparsegpt | gblm")] = "wanda",
     grid: Annotated[str, typer.Option(help="comma-separated sparsities each unit is pruned to, alone")] = "0.2,0.4,0.6,0.8,0.9",
     unit: Annotated[str, typer.Option(help="block (a decoder block's layers together) | layer (one at a time)")] = "block",
+    measure_: Annotated[str, typer.Option("--measure", help="perplexity (held-out; for --allocation sensitivity) | distortion (mean squared change of the logits on the calibration windows; for --allocation rd)")] = "perplexity",
     calib: Annotated[str, typer.Option(help="calibration text: shakespeare | pydoc | PATH.txt")] = "shakespeare",
     calib_samples: Annotated[int, typer.Option(help="calibration sequences")] = 32,
     seqlen: Annotated[int, typer.Option(help="tokens per calibration and evaluation window")] = 256,
@@ -311,6 +343,8 @@ def sensitivity(
     from prunekit.batches import resolve_bos
     from prunekit.checks import check_seqlen
     from prunekit.evaluate.sensitivity import sensitivity as measure
+    if measure_ not in ("perplexity", "distortion"):
+        raise PruneError(f"--measure must be perplexity or distortion, got {measure_!r}.")
     from prunekit.recipe import Recipe
     from prunekit.zoo import load_text
 
@@ -330,21 +364,30 @@ def sensitivity(
     from prunekit.api import _windows_from_text
 
     cal = _windows_from_text(tok, calib, calib_samples, seqlen, seed, None) if rec.needs_data else None
-    windows = _load_windows(tok, eval_text or calib, "evaluation", seqlen, eval_windows, bos)
-    _say(f"sensitivity of every {unit} to {method} at {', '.join(f'{v:g}' for v in values)} ...")
+    if measure_ == "distortion":  # the rd allocation's curves: on calibration windows, never the evaluation split
+        if cal is None:
+            cal = _windows_from_text(tok, calib, calib_samples, seqlen, seed, None)
+        windows = cal[:eval_windows]
+    else:
+        windows = _load_windows(tok, eval_text or calib, "evaluation", seqlen, eval_windows, bos)
+    _say(f"{measure_} of every {unit} under {method} at {', '.join(f'{v:g}' for v in values)} ...")
     t0 = time.perf_counter()
-    table = measure(m, rec, cal, windows, values, unit=unit, progress=progress)
+    table = measure(m, rec, cal, windows, values, unit=unit, progress=progress, measure=measure_)
     table.update(model=str(Path(model).resolve()) if Path(model).is_dir() else model, calibration=rec.calibration.model_dump(),
                  eval_text=eval_text or calib, seconds=time.perf_counter() - t0)
     with io.atomic_dir(io.check_output(out, overwrite)) as tmp:
         io.write_json(Path(tmp) / "sensitivity.json", table)
         _plot_sensitivity(table, Path(tmp) / "sensitivity.png")
-    grid_keys = list(next(iter(table["units"].values()))["perplexity"])
-    print(f"dense perplexity {table['perplexity_dense']:.3f}; perplexity with one {unit} pruned:")
+    grid_keys = list(next(iter(table["units"].values()))[measure_])
+    if measure_ == "perplexity":
+        print(f"dense perplexity {table['perplexity_dense']:.3f}; perplexity with one {unit} pruned:")
+    else:
+        print(f"output distortion (mean squared change of the logits) with one {unit} pruned:")
     print(f"{unit:>24s}  " + "  ".join(f"{k:>8s}" for k in grid_keys))
     for name, row in table["units"].items():
-        print(f"{name:>24s}  " + "  ".join(f"{row['perplexity'][k]:8.3f}" for k in grid_keys))
-    print(f"saved {out}/sensitivity.json in {table['seconds']:.0f} s (use it: prunekit prune {model} --allocation sensitivity "
+        print(f"{name:>24s}  " + "  ".join(f"{row[measure_][k]:8.3g}" for k in grid_keys))
+    kind = "sensitivity" if measure_ == "perplexity" else "rd"
+    print(f"saved {out}/sensitivity.json in {table['seconds']:.0f} s (use it: prunekit prune {model} --allocation {kind} "
           f"--sensitivity-table {out} --sparsity 0.5 ...)")
 
 
@@ -355,18 +398,20 @@ def _plot_sensitivity(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dense = table["perplexity_dense"]
+    key = table.get("measure", "perplexity")
+    dense = table.get("perplexity_dense", 0.0)
     rows = table["units"]
-    top = max(max(v - dense for v in r["perplexity"].values()) for r in rows.values()) or 1.0
+    top = max(max(v - dense for v in r[key].values()) for r in rows.values()) or 1.0
     fig, ax = plt.subplots(figsize=(7, 4))
     cmap = plt.get_cmap("viridis")
     for i, (name, r) in enumerate(rows.items()):
-        xs = [0.0] + [float(k) for k in r["perplexity"]]
-        ys = [0.0] + [(v - dense) / top for v in r["perplexity"].values()]
+        xs = [0.0] + [float(k) for k in r[key]]
+        ys = [0.0] + [(v - dense) / top for v in r[key].values()]
         ax.plot(xs, ys, color=cmap(i / max(len(rows) - 1, 1)), lw=1, label=name.rsplit(".", 1)[-1] if len(rows) <= 12 else None)
     ax.set_xlabel("sparsity of the one pruned unit")
-    ax.set_ylabel("perplexity increase / largest increase")
-    ax.set_title(f"{table['method']} sensitivity per {table['unit']} (dense ppl {dense:.2f}; dark = first)")
+    ax.set_ylabel(f"{key} increase / largest increase")
+    ax.set_title(f"{table['method']} sensitivity per {table['unit']}" + (f" (dense ppl {dense:.2f}" if key == "perplexity" else " (")
+                 + "; dark = first)")
     if len(rows) <= 12:
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -533,8 +578,12 @@ def recover(
     batch_size: Annotated[Optional[int], typer.Option(help="sequences per step (default 4)")] = None,
     distill_weight: Annotated[Optional[float], typer.Option(help="distill: weight of the KL term in [0, 1] (default 0.5)")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="distill: softmax temperature (default 1)")] = None,
+    select: Annotated[Optional[str], typer.Option(help="which of the --samples windows to train on (the same --steps): all (default) | random | paser (MiniLM clusters, budgets by the pruned model's divergence from the dense teacher, near duplicates skipped)")] = None,
+    keep: Annotated[Optional[float], typer.Option(help="with --select random / paser: the share of the windows selected, (0, 1] (default 1)")] = None,
+    clusters: Annotated[Optional[int], typer.Option(help="--select paser: k-means clusters of the windows (default 8, at most --samples)")] = None,
+    dedup_threshold: Annotated[Optional[float], typer.Option(help="--select paser: skip a window whose cosine similarity to a selected one is above this, (0, 1] (default 0.95)")] = None,
     seed: Annotated[Optional[int], seed_option("seed of the sampling, batch order and LoRA init")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="distill: the dense model (default: the source in PRUNED's prunekit.json)")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="distill / --select paser: the dense model (default: the source in PRUNED's prunekit.json)")] = None,
     eval_text: Annotated[Optional[str], typer.Option(help="text for before/after perplexity (default: --text's evaluation split); 'none' skips")] = None,
     eval_windows: Annotated[int, typer.Option(help="evaluation windows of --seqlen tokens")] = 16,
     ood_text: Annotated[Optional[str], typer.Option(help="a text the training never saw, also evaluated (default: pydoc after shakespeare, else shakespeare); 'none' skips")] = None,
@@ -557,7 +606,8 @@ def recover(
     try:
         flags = {"method": method, "steps": steps, "lr": lr, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "text": text,
                  "samples": samples, "seqlen": seqlen, "batch_size": batch_size, "distill_weight": distill_weight,
-                 "temperature": temperature, "seed": seed}
+                 "temperature": temperature, "seed": seed, "select": select, "keep": keep, "clusters": clusters,
+                 "dedup_threshold": dedup_threshold}
         fields = {}
         if recipe is not None:
             from prunekit.core.config import read_mapping
@@ -571,12 +621,18 @@ def recover(
         io.check_output(out, overwrite, inputs=[pruned, teacher])
         manifest = io.read_manifest(pruned) if Path(pruned).is_dir() else None
         teacher_name = None
-        if rec.method == "distill":
+        if rec.method == "distill" or rec.select == "paser":  # paser: the pruned model's divergence from the dense one
             teacher_name = teacher or (manifest or {}).get("source")
             if not teacher_name:
-                raise PruneError("Method distill needs the dense model as teacher; pass --teacher MODEL (the input has no prunekit.json naming its source).")
+                who = "Method distill" if rec.method == "distill" else "Select paser"
+                raise PruneError(f"{who} needs the dense model as teacher; pass --teacher MODEL (the input has no prunekit.json naming its source).")
+            if rec.select == "paser":
+                from prunekit.zoo.minilm import minilm_path
+
+                minilm_path()  # paser embeds the windows with MiniLM: missing, it fails before any loading
         elif teacher is not None:
-            raise PruneError(f"--teacher is only used by --method distill, not {rec.method}; drop --teacher or use --method distill.")
+            raise PruneError(f"--teacher is only used by --method distill or --select paser, not {rec.method} with --select "
+                             f"{rec.select}; drop --teacher or use one of those.")
         if teacher_name:
             from prunekit.zoo.models import resolve_model
 
@@ -649,7 +705,7 @@ def recover(
                 by_text[name].update(v)
             times["eval_before_s"] = time.perf_counter() - t0
         _say(f"training: {rec.method}, {rec.steps} steps of {rec.batch_size} x {rec.seqlen} tokens, lr {rec.lr:g} ...")
-        m, stats = run_recovery(m, rec, batches, teacher=t_model, structured=structured, progress=True)
+        m, stats = run_recovery(m, rec, batches, teacher=t_model, tokenizer=tok, structured=structured, progress=True)
         del t_model
         if sets:
             t0 = time.perf_counter()
@@ -678,6 +734,12 @@ def recover(
         io.save(m, tok, out, data, overwrite=overwrite)
         print(f"recovery {rec.method}: {stats['steps']} steps in {stats['seconds']:.1f}s, {stats['trainable_params']:,} trainable "
               f"parameters, training loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f}")
+        sel = stats["selection"]
+        if sel["select"] != "all":
+            extra = (f"; {len(sel['per_cluster'])} clusters, budgets {[c['budget'] for c in sel['per_cluster']]} by mean divergence "
+                     f"{[round(c['degradation'], 4) for c in sel['per_cluster']]}, {sel['near_duplicates_skipped']} near duplicates skipped"
+                     if "per_cluster" in sel else "")
+            print(f"selection {sel['select']}: {sel['selected']} of {sel['candidates']} windows{extra}")
         for name, v in by_text.items():
             agree = (f", top-1 agreement with the dense model {v['agreement_before']:.3f} -> {v['agreement_after']:.3f}"
                      if "agreement_after" in v else "")

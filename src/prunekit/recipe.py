@@ -115,10 +115,16 @@ class Allocation(Config):
     owl_m: float = Field(5.0, description="OWL: a score is an outlier above M x its block's mean score")
     owl_lambda: float = Field(0.08, description="OWL: block sparsities span [s - lambda, s + lambda]")
     per_layer: list[float] | None = Field(None, description="list: one sparsity per decoder layer")
-    table: str | None = Field(None, description="sensitivity: the sensitivity.json (or its directory) that "
-                              "prunekit sensitivity wrote for this model")
+    table: str | None = Field(None, description="sensitivity / rd: the sensitivity.json (or its directory) that "
+                              "prunekit sensitivity wrote for this model (rd: with --measure distortion; without a "
+                              "table rd measures its curves itself)")
     max_deviation: Fraction | None = Field(0.2, description="sensitivity: how far a block's sparsity may stray "
                                            "from the target (None: anywhere the table reaches)")
+    rd_grid: list[float] = Field([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], description="rd: the sparsities each "
+                                 "unit's output distortion is measured at (the target must not pass the largest)")
+    rd_unit: Literal["block", "layer"] = Field("block", description="rd: the unit of a distortion curve: a decoder "
+                                               "block's target layers together, or each layer (7x the forwards)")
+    rd_windows: PositiveInt = Field(4, description="rd: calibration windows the output distortion is measured on")
 
     @model_validator(mode="after")
     def _list_given(self) -> Allocation:
@@ -128,8 +134,10 @@ class Allocation(Config):
             raise ValueError("per_layer is only used with kind 'list'")
         if self.kind == "sensitivity" and not self.table:
             raise ValueError("kind 'sensitivity' needs table: the sensitivity.json prunekit sensitivity wrote")
-        if self.kind != "sensitivity" and self.table:
-            raise ValueError("table is only used with kind 'sensitivity'")
+        if self.kind not in ("sensitivity", "rd") and self.table:
+            raise ValueError("table is only used with kind 'sensitivity' or 'rd'")
+        if self.kind == "rd" and (not self.rd_grid or any(not 0.0 < g < 1.0 for g in self.rd_grid)):
+            raise ValueError(f"rd_grid must be sparsities in (0, 1), got {self.rd_grid}")
         return self
 
 
@@ -139,6 +147,8 @@ class Recovery(Config):
     perp: train norm weights, biases and LoRA adapters (merged into the weights, mask re-applied);
     lora: LoRA adapters only; full: every weight, masks enforced after each step;
     distill: like perp, with loss = (1 - distill_weight) * LM loss + distill_weight * KL(dense || pruned).
+    select + keep: train (the same steps) on a share of the samples windows only: random, or paser (clusters,
+    budgets by the pruned model's divergence from the dense one; see prunekit.train.select).
     """
 
     what = "recovery"
@@ -154,6 +164,24 @@ class Recovery(Config):
     distill_weight: Fraction = 0.5
     temperature: Positive = 1.0
     seed: int = 0
+    select: Annotated[str, registered("prunekit.train.select", "SELECTIONS")] = Field(
+        "all", description="which of the samples windows recovery trains on: all | random | paser")
+    keep: float = Field(1.0, description="with select random / paser: the share of the windows selected, (0, 1]")
+    clusters: PositiveInt = Field(8, description="paser: k-means clusters of the windows' MiniLM embeddings (at most samples)")
+    dedup_threshold: float = Field(0.95, description="paser: a window whose cosine similarity to a selected one is above this is skipped, (0, 1]")
+
+    @field_validator("keep", "dedup_threshold")
+    @classmethod
+    def _share(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _keep_needs_selection(self) -> Recovery:
+        if self.keep < 1.0 and self.select == "all":
+            raise ValueError(f"keep {self.keep:g} needs select random or paser (select all trains on every window)")
+        return self
 
 
 class Distill(Config):
@@ -164,11 +192,18 @@ class Distill(Config):
     After sparsity pruning the zeros are kept (the masks are attached). With a structure section, iterations > 1
     prunes the target in that many equal parts, each scored on the model distilled so far and followed by
     steps / iterations steps (Minitron's iterative schedule); the last part reaches the exact target structure.
+    schedule adapt-pruner (Pan et al. 2024) shares each part out over the blocks by their angular distance
+    instead: the more a block's output resembles its input, the more of it goes (see prunekit.train.distill).
     """
 
     what = "distill"
     steps: PositiveInt = Field(200, description="optimizer steps in all (split evenly over the iterations)")
     iterations: PositiveInt = Field(1, description="structure only: prune the target in this many parts, distilling after each")
+    schedule: Literal["even", "adapt-pruner"] = Field(
+        "even", description="structure only: how each part is shared out over the blocks: even (the structure's own "
+        "rule, Minitron) or adapt-pruner (by block angular distance, re-measured before every part)")
+    adapt_amplitude: Fraction = Field(0.02, description="adapt-pruner: per part, how far a block's sparsity moves "
+                                      "from the even step, times its normalized importance in [-1, 1]")
     lr: Positive = Field(3e-4, description="peak AdamW learning rate (linear warmup over 10% of each part, cosine to 10%)")
     batch_size: PositiveInt = Field(4, description="sequences per step")
     seqlen: PositiveInt = Field(256, description="tokens per sequence")
@@ -219,7 +254,24 @@ class Structure(Config):
     sublayer_method: Literal["influence", "greedy"] = Field(
         "influence", description="influence: one pass, 1 - cos over each sublayer; greedy: FinerCut, least output change"
     )
-    seed: int = Field(0, description="seed of the random criterion")
+    seed: int = Field(0, description="seed of the random criterion (and of loraprune / compresso training)")
+    learn: Literal["compresso"] | None = Field(
+        None, description="learn the masks instead of scoring them: compresso (hard-concrete gates over heads / MLP "
+        "channels trained with LoRA under a target-size Lagrangian, then made permanent; criterion unused)")
+    rounds: PositiveInt = Field(2, description="loraprune: pruning rounds to the target, LoRA training before each")
+    beta: float = Field(0.9, description="loraprune: moving average of the importance over LoRA steps, "
+                        "S = beta S + (1 - beta) I, in [0, 1)")
+    lora_steps: PositiveInt = Field(80, description="loraprune / compresso: LoRA training steps in all (loraprune: "
+                                    "rounds + 1 equal segments, the last fine-tuning the final model; compresso: half "
+                                    "learning the gates, half fine-tuning after the removal)")
+    lora_lr: Positive = Field(5e-4, description="loraprune / compresso: AdamW learning rate of the LoRA adapters")
+    lora_rank: PositiveInt = Field(8, description="loraprune / compresso: LoRA rank")
+    lora_alpha: Positive = Field(16.0, description="loraprune / compresso: LoRA alpha (scaling alpha / rank)")
+    lora_batch_size: PositiveInt = Field(4, description="loraprune / compresso: calibration windows per LoRA step")
+    gate_lr: Positive = Field(0.1, description="compresso: learning rate of the gates' log-alpha and of the "
+                              "Lagrange multipliers (ascent)")
+    collaborative_prompt: bool = Field(False, description="compresso: prepend the collaborative prompt (an "
+                                       "instruction telling the model it is being pruned) to every training window")
 
     @model_validator(mode="after")
     def _consistent(self) -> Structure:
@@ -237,6 +289,26 @@ class Structure(Config):
             raise ValueError("nothing to remove: give kinds and a sparsity, remove_layers or remove_sublayers")
         if self.remove_layers and self.remove_sublayers:
             raise ValueError("choose remove_layers or remove_sublayers, not both")
+        if self.learn or self.criterion == "loraprune":
+            who = f"learn {self.learn}" if self.learn else "criterion loraprune"
+            if not self.width_kinds or "hidden" in self.kinds or self.remove_layers or self.remove_sublayers:
+                raise ValueError(f"{who} prunes heads and MLP channels only: give kinds heads and/or mlp, without "
+                                 "hidden, remove_layers or remove_sublayers")
+        if self.learn and (self.criterion == "loraprune" or self.bias_compensation):
+            raise ValueError(f"learn {self.learn} learns its masks; drop "
+                             + ("criterion loraprune" if self.criterion == "loraprune" else "bias_compensation"))
+        if self.criterion == "loraprune" and self.lora_steps < self.rounds + 1:
+            raise ValueError(f"lora_steps {self.lora_steps} cannot be split over {self.rounds} rounds and the last "
+                             f"fine-tuning segment; give at least {self.rounds + 1}")
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {self.beta}")
+        if self.collaborative_prompt and not self.learn:
+            raise ValueError("collaborative_prompt goes with learn compresso")
+        if self.criterion == "cfsp" and (self.global_rank or "hidden" in self.kinds):
+            raise ValueError("criterion cfsp sets every block's own ratio for heads and mlp; drop "
+                             + ("global_rank" if self.global_rank else "hidden from kinds"))
+        if self.criterion == "cfsp" and self.sparsity > 0.9:
+            raise ValueError("criterion cfsp keeps every block's ratio within [0, 0.9]; use a sparsity of at most 0.9")
         return self
 
     @property
@@ -247,7 +319,8 @@ class Structure(Config):
     @property
     def needs_data(self) -> bool:
         return bool(
-            (self.kinds and (self.criterion in ("fluctuation", "taylor") or self.bias_compensation))
+            (self.kinds and (self.criterion in ("fluctuation", "taylor", "cfsp", "loraprune") or self.bias_compensation
+                             or self.learn))
             or self.remove_layers
             or self.remove_sublayers
         )
@@ -363,12 +436,24 @@ class Recipe(Config):
             raise ValueError(
                 f"allocation '{self.allocation.kind}' needs pattern 'unstructured' (N:M fixes every layer at N/M)"
             )
+        if self.allocation.kind == "rd" and not self.allocation.table and self.sparsity > max(self.allocation.rd_grid) + 1e-12:
+            raise ValueError(f"allocation rd measures distortion up to sparsity {max(self.allocation.rd_grid):g}, below "
+                             f"the target {self.sparsity:g}; add a larger rd_grid point")
         if self.distill is not None and self.recovery is not None:
             raise ValueError("give a distill section or a recovery section, not both (distill trains every weight "
                              "towards the dense teacher; recovery trains adapters)")
         if self.distill is not None and self.distill.iterations > 1 and self.structure is None:
             raise ValueError("distill.iterations > 1 splits a structure section into parts; sparsity pruning is done "
                              "in one part (set iterations to 1)")
+        if self.distill is not None and self.distill.iterations > 1 and self.structure is not None and self.structure.learn:
+            raise ValueError(f"learn {self.structure.learn} learns the whole target at once; set distill iterations to 1")
+        if self.distill is not None and self.distill.schedule == "adapt-pruner":
+            st = self.structure
+            if st is None or not st.width_kinds or "hidden" in st.kinds or st.remove_layers or st.remove_sublayers \
+                    or st.global_rank:
+                raise ValueError("distill schedule adapt-pruner shares heads / mlp pruning out over the blocks; give a "
+                                 "structure section with kinds heads and/or mlp only (no hidden, remove_layers, "
+                                 "remove_sublayers or global_rank)")
         if self.experts is not None:
             others = [k for k in ("structure", "recovery", "distill") if getattr(self, k) is not None]
             defaults = Recipe()
@@ -406,7 +491,7 @@ class Recipe(Config):
             return True
         if self.structure is not None:
             return self.structure.needs_data
-        return self.method in ("wanda", "sparsegpt", "gblm")
+        return self.method in ("wanda", "sparsegpt", "gblm", "d-pruner") or self.allocation.kind == "rd"
 
     def to_yaml(self) -> str:
         import yaml

@@ -17,6 +17,12 @@ weights). Every kind keeps exactly ``round((1 - sparsity) * N)`` of the N weight
 * ``list``     an explicit sparsity per group (per decoder layer for LLMs, per layer otherwise).
 * ``sensitivity`` LLMs: a ``list`` computed from a measured sensitivity table
                (:func:`prunekit.evaluate.sensitivity.block_sparsities`) before this function is called.
+* ``rd``       rate-distortion (Xu et al., "Efficient Joint Optimization of Layer-Adaptive Weight Pruning in Deep
+               Neural Networks", ICCV 2023): each group's measured output-distortion curve over a sparsity grid
+               (``rd_curves``: the network's output changes when only that group is pruned), summed over groups
+               (the paper's additivity), minimised at the exact total by a dynamic program (:func:`rd_sparsities`).
+               The curves are measured by the family (LLM: :func:`prunekit.evaluate.sensitivity.sensitivity` with
+               ``measure="distortion"``; vision: :func:`prunekit.vision.schedules.rd_curves`).
 
 Which weights a layer keeps is the method's business (Wanda compares within rows, SparseGPT updates as it
 goes); :meth:`prunekit.core.masks.Masks.from_scores` keeps each layer's highest scores.
@@ -41,6 +47,7 @@ ALLOCATIONS.register_names((
     ("erk", "Erdos-Renyi-Kernel densities from the layer shapes"),
     ("list", "an explicit sparsity per group (decoder layer)"),
     ("sensitivity", "per decoder block from a measured sensitivity table (prunekit sensitivity), cheapest first"),
+    ("rd", "rate-distortion: measured output-distortion curves per layer/block, total minimised by dynamic programming"),
 ))
 
 
@@ -108,6 +115,79 @@ def owl_group_sparsity(group_scores: list[torch.Tensor] | None, sparsity: float,
     return out
 
 
+def rd_sparsities(curves: dict, sizes: dict, grid: list[float], sparsity: float, *, step: float | None = 0.01,
+                  resolution: int = 20000) -> dict:
+    """Per-group sparsities minimising the summed distortion ``sum_g D_g(s_g)`` subject to removing at least
+    ``sparsity`` of all weights (``sum_g n_g s_g >= sparsity * sum_g n_g``), by dynamic programming over the removed
+    count (the paper's solver).
+
+    ``curves[g]``: distortion at each point of ``grid`` (sparsities in [0, 1)); distortion 0 at sparsity 0 when the
+    grid lacks it. ``step``: the curves are interpolated linearly onto this finer grid (None: the grid points only).
+    ``resolution``: the removed count is counted in units of ``ceil(target / resolution)`` weights, each choice's
+    removal rounded to the nearest unit (exact when the target is that small; otherwise the total may miss the
+    target by a few units, which :func:`keep_counts` then makes exact).
+    """
+    import numpy as np
+
+    check_sparsity(sparsity)
+    names = list(curves)
+    if not names:
+        return {}
+    pts = sorted(float(g) for g in grid)
+    if any(not (0.0 <= g < 1.0) for g in pts) or len(set(pts)) != len(pts):
+        raise PruneError(f"The rate-distortion grid must be distinct sparsities in [0, 1), got {list(grid)}.")
+    for g in names:
+        if len(curves[g]) != len(pts) or not all(math.isfinite(float(v)) for v in curves[g]):
+            raise PruneError(f"The distortion curve of {g} needs one finite value per grid point ({len(pts)}).")
+    order = sorted(range(len(pts)), key=[float(g) for g in grid].__getitem__)  # curve values in grid order
+    xs = pts if pts[0] == 0.0 else [0.0] + pts
+    top = pts[-1]
+    if sparsity > top + 1e-12:
+        raise PruneError(f"The rate-distortion grid goes up to sparsity {top:g}, below the target {sparsity:g}; "
+                         "measure a grid that reaches it.")
+    levels = np.array(xs if step is None else sorted(set(np.round(np.arange(0.0, top + step / 2, step), 10).tolist())
+                                                      | set(xs)))
+    levels = levels[levels <= top + 1e-12]
+    dist = {}
+    for g in names:
+        ys = [float(curves[g][i]) for i in order]
+        ys = ys if pts[0] == 0.0 else [0.0] + ys
+        dist[g] = np.interp(levels, np.array(xs), np.array(ys))
+    total = sum(int(sizes[g]) for g in names)
+    need = sparsity * total
+    unit = max(1, math.ceil(need / resolution))
+    T = math.ceil(need / unit - 1e-9)
+    removed = {g: np.minimum(np.round(int(sizes[g]) * levels / unit).astype(np.int64), T) for g in names}
+    # tables[i][b]: least distortion of the first i groups removing b units (b == T: T or more)
+    tables = [np.full(T + 1, np.inf)]
+    tables[0][0] = 0.0
+    for g in names:
+        prev, new = tables[-1], np.full(T + 1, np.inf)
+        for k, d in zip(removed[g].tolist(), dist[g].tolist()):
+            np.minimum(new[k:], prev[: T + 1 - k] + d, out=new[k:])  # b -> b + k
+            if k > 0:  # everything that lands past T counts as T
+                new[T] = min(new[T], float(np.min(prev[T + 1 - k:])) + d)
+        tables.append(new)
+    if not np.isfinite(tables[-1][T]):
+        raise PruneError("No allocation on the rate-distortion grid reaches the target; measure a grid that goes higher.")
+    out, b = {}, T
+    for li in range(len(names) - 1, -1, -1):  # backtrack: which level got each group there
+        g = names[li]
+        prev, here = tables[li], tables[li + 1][b]
+        found = None
+        for lv, (k, d) in enumerate(zip(removed[g].tolist(), dist[g].tolist())):
+            cands = range(T - k, T + 1) if b == T else ([b - k] if b >= k else [])
+            for pb in cands:
+                if np.isfinite(prev[pb]) and abs(prev[pb] + d - here) <= 1e-9 * max(1.0, abs(here)):
+                    found = (lv, pb)
+                    break
+            if found:
+                break
+        assert found is not None, "rate-distortion backtrack lost its path"
+        out[g], b = float(levels[found[0]]), found[1]
+    return {g: out[g] for g in names}
+
+
 def _ranked(scores: dict[str, torch.Tensor], total: int, reserve: dict[str, int]) -> dict[str, int]:
     """Counts from one ranking over all layers after each layer has kept its ``reserve`` best weights."""
     names = list(scores)
@@ -138,6 +218,8 @@ def keep_counts(
     power: float = 1.0,
     slack: str = "kept",
     owl_ratios: dict[int, float] | None = None,
+    rd_curves: dict | None = None,
+    rd_grid: list[float] | None = None,
 ) -> dict[str, int]:
     """``{layer: weights kept}`` at ``sparsity`` spread by ``kind`` (see the module doc).
 
@@ -145,6 +227,8 @@ def keep_counts(
     ``groups``: layer -> group index for owl and list (decoder block; default: every layer its own group).
     ``owl_ratios``: owl's per-group outlier ratios already computed (``{group: ratio}``); ``scores`` then only
     give the shapes.
+    ``rd_curves`` / ``rd_grid``: rd's measured distortion per group (``{group: [D at each grid sparsity]}``, the
+    group keys of ``groups``; without ``groups``, per layer name); ``scores`` then only give the shapes.
     ``slack``: where uniform / erk / owl put the one-weight rounding slack of the exact total: ``kept`` (round each
     layer's kept target; vision) or ``removed`` (round each layer's removal target; LLM). The two differ
     only by one weight in layers whose targets have equal or near-equal fractional parts; each family keeps the
@@ -162,7 +246,8 @@ def keep_counts(
     names = list(scores)
     sizes = {k: scores[k].numel() for k in names}
     total = kept_total(sum(sizes.values()), sparsity)
-    groups = groups if groups is not None else {k: i for i, k in enumerate(names)}
+    if groups is None:
+        groups = {k: k for k in names} if kind == "rd" else {k: i for i, k in enumerate(names)}
 
     def exact(densities: dict[str, float], target: int) -> dict[str, int]:
         if slack == "removed":
@@ -189,6 +274,18 @@ def keep_counts(
             if not 0.0 <= s < 1.0:
                 raise PruneError(f"Every sparsity in the allocation list must be in [0, 1), got {s}.")
         return {k: kept_total(sizes[k], per_group[groups[k]]) for k in names}
+    if kind == "rd":
+        if rd_curves is None or rd_grid is None:
+            raise PruneError("Allocation 'rd' needs the measured distortion curves (rd_curves) and their grid (rd_grid).")
+        missing = sorted({str(groups[k]) for k in names if groups[k] not in rd_curves})
+        if missing:
+            raise PruneError(f"The rate-distortion curves miss {len(missing)} group(s) of this model, e.g. {missing[0]}; "
+                             "measure them on this model.")
+        gsize: dict = {}
+        for k in names:
+            gsize[groups[k]] = gsize.get(groups[k], 0) + sizes[k]
+        gs = rd_sparsities({g: rd_curves[g] for g in gsize}, gsize, rd_grid, sparsity)
+        return exact({k: 1.0 - gs[groups[k]] for k in names}, total)
     if kind == "owl":
         order = sorted(set(groups.values()))
         if owl_ratios is not None:

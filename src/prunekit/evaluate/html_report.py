@@ -7,7 +7,9 @@ generations dense vs pruned, and each run's exact recipe as YAML with the comman
 network: no script, no external style sheet, font or image; its Content-Security-Policy forbids anything but inline
 styles and ``data:`` images. Everything taken from the files is escaped. The file is written atomically.
 
-Task scores are read from ``metrics.tasks``: ``{task: {"metric", "value", "stderr", "n", "scores"}}``.
+Task scores are read from ``metrics.tasks``: ``{task: {"metric", "value", "stderr", "n", "scores"}}``. Training-time
+runs (``prunekit train-prune``, or any run whose ``summary.journey`` holds
+:meth:`prunekit.core.journey.Journey.summary`) show their average parameter count over training and its curve.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ def _e(x) -> str:
 
 def method_of(m: dict) -> str | None:
     r = m.get("recipe") if isinstance(m.get("recipe"), dict) else {}
+    if m.get("kind") == "vision" and r.get("criterion") is not None:  # train-prune: criterion and schedule
+        return f"{r['criterion']} ({r.get('schedule')})"
     if isinstance(r.get("experts"), dict):
         return f"experts {_text(r['experts'].get('method'))}"
     if isinstance(r.get("structure"), dict):
@@ -228,6 +232,12 @@ def _allocation_words(m: dict) -> str | None:
     return kind
 
 
+def journey_of(m: dict) -> dict | None:
+    """``summary.journey`` (the live-parameter count over training) when it has a numeric ``average_params``."""
+    j = _get(m, "summary", "journey")
+    return j if isinstance(j, dict) and _num(j.get("average_params")) is not None else None
+
+
 def timings_of(m: dict) -> dict[str, float]:
     t = _get(m, "timings")
     if not isinstance(t, dict):
@@ -236,11 +246,13 @@ def timings_of(m: dict) -> dict[str, float]:
 
 
 def split_timings(t: dict[str, float]) -> tuple[float | None, float | None, float | None]:
-    """(pruning ``prune_s``, training ``recovery_s`` + ``distill_s``, the rest: loading, evaluation, writing);
-    ``prune_*_s`` are parts of ``prune_s`` and ``total_s`` the sum, so neither is counted again."""
+    """(pruning ``prune_s``, training ``recovery_s`` + ``distill_s`` (+ ``train_prune_s``, a training-time run), the
+    rest: loading, evaluation, writing); ``prune_*_s`` are parts of ``prune_s`` and ``total_s`` the sum, so neither
+    is counted again."""
     prune = t.get("prune_s")
-    train = [v for k, v in t.items() if k in ("recovery_s", "distill_s")]
-    rest = [v for k, v in t.items() if not k.startswith("prune_") and k not in ("recovery_s", "distill_s", "total_s")]
+    training = ("recovery_s", "distill_s", "train_prune_s")
+    train = [v for k, v in t.items() if k in training]
+    rest = [v for k, v in t.items() if not k.startswith("prune_") and k not in training + ("total_s",)]
     return prune, (sum(train) if train else None), (sum(rest) if rest else None)
 
 
@@ -294,7 +306,8 @@ def _columns(runs: list[RunData]) -> tuple[list[tuple[str, str]], list[dict]]:
             ("ppl_dense", "perplexity dense"), ("ppl", "perplexity pruned"), ("agreement", "top-1 agreement")]
     for name, metrics in task_metrics.items():
         cols.append((f"task:{name}", f"{name} ({next(iter(metrics))})" if len(metrics) == 1 else name))
-    cols += [("params", "parameters"), ("nonzeros", "non-zeros"), ("tps_dense", "tokens/s dense"),
+    cols += [("params", "parameters"), ("nonzeros", "non-zeros"), ("avg_params", "average parameters"),
+             ("tps_dense", "tokens/s dense"),
              ("tps", "tokens/s pruned"), ("speedup", "speed-up"), ("prune_s", "time to prune"),
              ("train_s", "time to train"), ("other_s", "load + eval")]
     for r in runs:
@@ -329,6 +342,11 @@ def _columns(runs: list[RunData]) -> tuple[list[tuple[str, str]], list[dict]]:
         for key, field in (("params", "params"), ("nonzeros", "nonzeros")):
             v = _num(_get(m, "summary", field))
             row[key] = (None if v is None else fmt_int(v), None)
+        j = journey_of(m)
+        row["avg_params"] = (None, None) if j is None else (
+            fmt_int(round(_num(j["average_params"]))),
+            f"live parameters averaged over {j.get('steps')} training steps; initial {j.get('initial_params')}, "
+            f"final {j.get('final_params')}")
         tps, tpd = _num(_get(m, "metrics", "tokens_per_s")), _num(_get(m, "metrics", "tokens_per_s_dense"))
         row["tps"] = (None if tps is None else fmt_rate(tps), None)
         row["tps_dense"] = (None if tpd is None else fmt_rate(tpd), None)
@@ -343,8 +361,8 @@ def _columns(runs: list[RunData]) -> tuple[list[tuple[str, str]], list[dict]]:
     return cols, rows
 
 
-NUMERIC = {"requested", "achieved", "ppl_dense", "ppl", "agreement", "params", "nonzeros", "tps_dense", "tps",
-           "speedup", "prune_s", "train_s", "other_s"}
+NUMERIC = {"requested", "achieved", "ppl_dense", "ppl", "agreement", "params", "nonzeros", "avg_params", "tps_dense",
+           "tps", "speedup", "prune_s", "train_s", "other_s"}
 
 
 def _table_html(runs: list[RunData]) -> str:
@@ -616,6 +634,34 @@ def plot_speed(runs: list[RunData]) -> bytes | None:
     return _png(fig)
 
 
+def plot_journey(runs: list[RunData]) -> bytes | None:
+    """Live parameters vs optimizer step (``summary.journey.curve``, a step function), one line per run; dotted:
+    each run's average."""
+    lines = []
+    for r in runs:
+        j = None if r.manifest is None or r.failed else journey_of(r.manifest)
+        pts = [(p[0], p[1]) for p in (j or {}).get("curve") or []
+               if isinstance(p, (list, tuple)) and len(p) == 2 and _num(p[0]) is not None and _num(p[1]) is not None]
+        if pts:
+            end = _num(j.get("steps"))
+            lines.append((r.name, pts, end if end is not None and end > pts[-1][0] else pts[-1][0] + 1,
+                          _num(j["average_params"])))
+    if not lines:
+        return None
+    fig = _figure(7.5, 3.6)
+    ax = fig.subplots()
+    for (name, pts, end, avg), c in zip(lines, _colors(len(lines))):
+        xs, ys = [p[0] for p in pts] + [end], [p[1] for p in pts] + [pts[-1][1]]
+        ax.step(xs, ys, where="post", color=c, lw=1.5, label=_text(f"{name} (average {avg:,.0f})"))
+        ax.plot([0, end], [avg, avg], ":", color=c, lw=1)
+    ax.set_xlabel("optimizer step (every phase and round, in order)")
+    ax.set_ylabel("live parameters")
+    ax.set_title("parameter count over training (dotted: its average)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def _figure_html(png: bytes, alt: str, caption: str, fid: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return (f'<figure id="{_e(fid)}"><img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
@@ -632,6 +678,9 @@ def plots(runs: list[RunData]) -> list[tuple[str, str, bytes]]:
                                    "error."),
         ("plot-layers", plot_layers, "Achieved sparsity of every target layer (the layers rows of prunekit.json)."),
         ("plot-speed", plot_speed, "Measured tokens per second (metrics.tokens_per_s and tokens_per_s_dense)."),
+        ("plot-journey", plot_journey, "Live (unmasked) parameters at every optimizer step of training "
+                                       "(summary.journey); runs with the same average reach about the same loss "
+                                       "(Jin et al. 2025)."),
     ):
         png = fn(runs)
         if png is not None:
@@ -675,6 +724,8 @@ def rerun_command(r: RunData) -> str | None:
         src = _get(m, "recovery", "input")
         return (f"prunekit recover {shlex.quote(str(src)) if src else 'PRUNED'} --recipe recovery.yaml "
                 f"--out {shlex.quote(r.name.replace('/', '-') + '-rerun')}")
+    if m is not None and m.get("kind") == "vision" and isinstance(m.get("recipe"), dict) and m["recipe"]:
+        return f"prunekit train-prune --recipe recipe.yaml --out {shlex.quote(r.name.replace('/', '-') + '-rerun')}"
     if m is not None and isinstance(m.get("recipe"), dict) and m["recipe"]:
         src = m.get("source")
         return (f"prunekit prune {shlex.quote(str(src)) if src else 'MODEL'} --recipe recipe.yaml "

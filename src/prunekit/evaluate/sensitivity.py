@@ -5,6 +5,9 @@ dense, and record what it costs in perplexity; then allocate a target sparsity o
   one-pass mode) prunes one unit (a decoder block's target layers, or one layer) to each sparsity of the grid;
   the held-out perplexity is measured and the unit's weights are restored before the next. The table holds, per
   unit, its parameter count and the perplexity at each grid point (plus the dense perplexity).
+* With ``measure="distortion"`` the table holds the output distortion instead (the mean squared change of the
+  logits against the dense model): the curves of the rate-distortion allocation ``rd`` (:func:`rd_curves`, solved
+  by :func:`prunekit.core.allocate.rd_sparsities`).
 * :func:`allocate_from_table`: per-unit sparsities whose parameter-weighted mean is the target and whose summed
   perplexity increase (read off the table, linear between grid points, 0 at sparsity 0) is as small as a greedy
   search over 0.01 steps finds: the unit with the cheapest next step per removed weight goes next (NNI's
@@ -37,10 +40,30 @@ def _grid(grid) -> list[float]:
     return out
 
 
+def output_distortion(model, windows: torch.Tensor, reference: torch.Tensor | None = None, batch_size: int = 2):
+    """The mean squared change of the logits on ``windows`` against ``reference`` (the dense logits; None: return
+    the logits themselves, to be the reference) — the output distortion of the rate-distortion allocation."""
+    outs, total, count = [], 0.0, 0
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch_size):
+            ids = windows[i:i + batch_size]
+            logits = model(input_ids=ids.to(model.device), use_cache=False).logits.float().cpu()
+            if reference is None:
+                outs.append(logits)
+            else:
+                total += float((logits - reference[i:i + batch_size]).pow(2).sum())
+                count += logits.numel()
+    return torch.cat(outs) if reference is None else total / max(count, 1)
+
+
 def sensitivity(model, recipe, calibration_batches: torch.Tensor | None, windows: torch.Tensor, grid, *,
-                unit: str = "block", device: str = "cpu", progress: bool = True) -> dict:
+                unit: str = "block", device: str = "cpu", progress: bool = True, measure: str = "perplexity") -> dict:
     """The sensitivity table of ``model`` (see the module doc); ``recipe`` gives the method, its options, the
-    excluded layers and the calibration settings (its sparsity and allocation are not used)."""
+    excluded layers and the calibration settings (its sparsity and allocation are not used).
+
+    ``measure``: ``perplexity`` on ``windows`` (the sensitivity allocation), or ``distortion``, the mean squared
+    change of the logits on ``windows`` against the dense model's (the rate-distortion allocation ``rd``); the
+    table's rows then hold ``distortion`` instead of ``perplexity``."""
     from prunekit.arch import adapter_for, target_layers
     from prunekit.calibrate import run_sequential
     from prunekit.core.masks import kept_total
@@ -50,6 +73,8 @@ def sensitivity(model, recipe, calibration_batches: torch.Tensor | None, windows
     from prunekit.methods import get_method
 
     grid = _grid(grid)
+    if measure not in ("perplexity", "distortion"):
+        raise PruneError(f"The sensitivity measure must be 'perplexity' or 'distortion', got {measure!r}.")
     if unit not in ("block", "layer"):
         raise PruneError(f"The sensitivity unit must be 'block' or 'layer', got {unit!r}.")
     if recipe.nm is not None:
@@ -77,24 +102,36 @@ def sensitivity(model, recipe, calibration_batches: torch.Tensor | None, windows
             for t in group:  # one layer of a group pruned alone, with the group's statistic
                 units[t[0]] = [(bi, [t], stat)]
     units = {k: v for k, v in units.items() if v}
-    dense = float(perplexity(model, windows))
+    if measure == "perplexity":
+        dense = float(perplexity(model, windows))
+
+        def score() -> float:
+            return float(perplexity(model, windows))
+    else:
+        reference = output_distortion(model, windows)
+
+        def score() -> float:
+            return output_distortion(model, windows, reference)
     table: dict[str, dict] = {}
     with torch.no_grad():
         for name, members in bar(list(units.items()), desc="sensitivity", unit=unit, enabled=progress):
             layers = [t for _, group, _ in members for t in group]
             saved = {n: weight_matrix(m).detach().clone() for n, m in layers}
-            row = {"params": sum(w.numel() for w in saved.values()), "perplexity": {}}
+            row = {"params": sum(w.numel() for w in saved.values()), measure: {}}
             for s in grid:
                 for _, group, stat in members:
                     ws = [weight_matrix(m) for _, m in group]
                     removed = [w.numel() - kept_total(w.numel(), s) for w in ws]
                     method.prune_group(ws, None if stat is None else stat.clone(), removed, None, [n for n, _ in group])
-                row["perplexity"][f"{s:g}"] = float(perplexity(model, windows))
+                row[measure][f"{s:g}"] = score()
                 for n, m in layers:
                     weight_matrix(m).copy_(saved[n])
             table[name] = row
-    return {"version": TABLE_VERSION, "method": recipe.method, "options": recipe.options, "unit": unit, "grid": grid,
-            "perplexity_dense": dense, "windows": list(windows.shape), "units": table}
+    out = {"version": TABLE_VERSION, "method": recipe.method, "options": recipe.options, "unit": unit, "grid": grid,
+           "measure": measure, "windows": list(windows.shape), "units": table}
+    if measure == "perplexity":
+        out["perplexity_dense"] = dense
+    return out
 
 
 def _cost(row: dict, dense: float, s: float) -> float:
@@ -148,6 +185,24 @@ def allocate_from_table(table: dict, target: float, step: float = 0.01, max_devi
     return s
 
 
+def rd_curves(table: dict, n_blocks: int, blocks_path: str, layer_names: list[str]) -> tuple[dict, list[float], str]:
+    """The rate-distortion curves of a ``distortion`` table for this model: ``({group: [D per grid point]}, grid,
+    unit)``, groups being block indices (unit block) or layer names (unit layer)."""
+    if table.get("measure") != "distortion":
+        raise PruneError("Allocation rd needs a table of output distortion (prunekit sensitivity --measure distortion), "
+                         "not one of perplexity.")
+    grid = [float(g) for g in table["grid"]]
+    keys = [f"{g:g}" for g in grid]
+    unit = table.get("unit")
+    names = [f"{blocks_path}.{i}" for i in range(n_blocks)] if unit == "block" else list(layer_names)
+    if set(table["units"]) != set(names):
+        raise PruneError(f"The distortion table lists {len(table['units'])} {unit}s that are not this model's "
+                         f"{len(names)}; measure it on this model.")
+    curves = {(i if unit == "block" else n): [float(table["units"][n]["distortion"][k]) for k in keys]
+              for i, n in enumerate(names)}
+    return curves, grid, unit
+
+
 def read_table(path: str | Path) -> dict:
     """A table written by ``prunekit sensitivity`` (``sensitivity.json``), checked; one sentence when it is not one."""
     p = Path(path)
@@ -167,6 +222,8 @@ def block_sparsities(table: dict, n_blocks: int, blocks_path: str, target: float
     """The allocation ``list`` (one sparsity per decoder block) for ``target`` from a block-unit table."""
     if table.get("unit") != "block":
         raise PruneError("Allocating from a sensitivity table needs one measured per block (--unit block).")
+    if table.get("measure", "perplexity") != "perplexity":
+        raise PruneError("This table measures output distortion: use it with allocation rd, not sensitivity.")
     names = [f"{blocks_path}.{i}" for i in range(n_blocks)]
     if set(table["units"]) != set(names):
         raise PruneError(f"The sensitivity table lists {len(table['units'])} blocks that are not this model's {n_blocks}; "

@@ -2,7 +2,7 @@
 (:data:`METHODS`, a :class:`prunekit.core.registry.Registry`): a method file registers its class with its own
 options model, and recipes, the CLI and their errors take the choices from there."""
 
-from prunekit.methods import magnitude, wanda, sparsegpt, gblm  # noqa: F401, I001  (they register themselves, in this order)
+from prunekit.methods import magnitude, wanda, sparsegpt, gblm, dpruner  # noqa: F401, I001  (they register themselves, in this order)
 from prunekit.methods.base import METHODS, Method
 
 

@@ -90,9 +90,12 @@ def _refuse(recipe) -> None:
     if recipe.recovery is not None:
         raise PruneError("Recovery trains the whole model at once, which is not streamed; prune with --stream first, "
                          "then run prunekit recover on the output.")
-    if recipe.method == "gblm":
-        raise PruneError("GBLM needs the gradients of the whole model at once, which is not streamed; use wanda or "
-                         "sparsegpt with --stream.")
+    if recipe.method in ("gblm", "d-pruner"):
+        raise PruneError(f"{recipe.method.upper() if recipe.method == 'gblm' else 'D-Pruner'} needs the gradients of the whole model at once, which is not streamed; use "
+                         "wanda or sparsegpt with --stream.")
+    if recipe.allocation.kind == "rd" and not recipe.allocation.table:
+        raise PruneError("Allocation rd measures every unit of the whole model in memory; with --stream give the table "
+                         "of prunekit sensitivity --measure distortion (--sensitivity-table).")
 
 
 def fingerprint(ckpt: Checkpoint, batches: torch.Tensor | None, recipe, fmt: str) -> dict:

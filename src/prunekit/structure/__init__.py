@@ -3,7 +3,9 @@ really gets smaller and faster.
 
 * :mod:`~prunekit.structure.shrink`: the coupled groups and their physical removal (the only code that
   changes shapes); :mod:`~prunekit.structure.importance`: magnitude, FLAP fluctuation, Taylor, random;
-  :mod:`~prunekit.structure.plan`: units, uniform / global selection, parameter counts;
+  :mod:`~prunekit.structure.cfsp`: CFSP's block ratios and fine scores; :mod:`~prunekit.structure.similarity`:
+  block angular distance (CFSP, Adapt-Pruner);
+  :mod:`~prunekit.structure.plan`: units, uniform / global / per-layer selection, parameter counts;
   :mod:`~prunekit.structure.compensate`: FLAP bias compensation; :mod:`~prunekit.structure.layers`: block
   influence, sublayer influence, FinerCut greedy; :mod:`~prunekit.structure.saved`: stock config or per-layer
   sizes, and rebuilding; :mod:`~prunekit.structure.prune`: the whole run from a recipe.

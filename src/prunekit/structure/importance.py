@@ -11,6 +11,8 @@ groups that are removed together (a kv group, one query head in every kv group, 
 * ``taylor`` (first order, as LLM-Pruner's element-wise score): sum over the group of |w * dL/dw|, with the
   gradient of the LM loss summed over the calibration set.
 * ``random``: seeded uniform scores (the baseline every criterion should beat).
+* ``cfsp`` (Wang et al. 2024, :mod:`prunekit.structure.cfsp`): each block's pruning ratio from its angular
+  distance (``LayerScores.ratio``), then RIA-style relative weight importance x activation norm within it.
 
 Statistics come from the shared engine (``calibrate.run_sequential`` with ``propagate=False`` and the
 ``meanvar`` statistic); gradients from batched backward passes like GBLM's gradient pass.
@@ -38,6 +40,8 @@ CRITERIA.register_names((
     ("fluctuation", "FLAP: input variance x squared column norm (hidden: Minitron's activation score)"),
     ("taylor", "LLM-Pruner's first-order |w * dL/dw| summed over the group"),
     ("random", "seeded uniform scores (the baseline)"),
+    ("cfsp", "CFSP: block ratios from angular distance, then relative weight importance x activation norm"),
+    ("loraprune", "LoRAPrune: |(W + BA) * (LoRA-estimated gradient)| moving-averaged over LoRA steps, iterative"),
 ))
 
 
@@ -46,6 +50,7 @@ class LayerScores:
     heads: torch.Tensor | None  # [query heads], additive
     kv: torch.Tensor | None  # [kv heads], additive (k and v rows)
     mlp: torch.Tensor | None  # [channels], additive
+    ratio: float | None = None  # the block's own pruning ratio, from a criterion that sets one per block (cfsp)
 
 
 def finish(criterion: str, group_sums: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,9 @@ keeps its key/value heads, so it holds less: in SmolLM2 (9 query heads, 3 kv hea
 is 3/12 of the attention weights and ratio 0.5 removes two slices (6 of 9 query heads). Uniform: each layer loses
 the whole number of units nearest to ratio / (a unit's share of the weights), ties removing fewer. Global (FLAP):
 unit scores are standardized within each layer ((s - mean) / std), then the lowest ones over all layers go,
-as many as the ratio asks for in total, every layer keeping at least its best unit.
+as many as the ratio asks for in total, every layer keeping at least its best unit. Per layer (a criterion that
+sets each block's ratio, CFSP; or a schedule's per-layer counts, Adapt-Pruner): as many units in total as global
+ranking removes, shared out by the layers' own ratios (:func:`layer_counts`), each layer's lowest scores going.
 """
 
 from __future__ import annotations
@@ -94,15 +96,56 @@ def _what(kind: str, units: Units) -> str:
     return "attention heads"
 
 
+def layer_counts(per_layer: list[Units | None], ratios: list[float | None], total: int | None = None,
+                 ratio: float = 0.0) -> list[int]:
+    """Units each layer loses when every layer has its own ratio (a criterion's block ratios, see
+    ``LayerScores.ratio``): layer i's target ratio_i / (a unit's share), scaled to add up to ``total`` (default: as
+    many units as ``ratio`` removes over all layers, as global ranking counts them), rounded by
+    :func:`~prunekit.core.masks.round_to_total` with every layer keeping at least one unit."""
+    from prunekit.core.masks import round_to_total
+
+    layers = [i for i, u in enumerate(per_layer) if u is not None]
+    if total is None:
+        total = nearest_count(ratio, sum(1 / per_layer[i].share for i in layers))
+    targets = [float(ratios[i] or 0.0) / per_layer[i].share for i in layers]
+    s = sum(targets)
+    targets = [t * total / s for t in targets] if s > 0 else [total / max(len(layers), 1)] * len(layers)
+    caps = [per_layer[i].scores.numel() - 1 for i in layers]
+    counts = [0] * len(per_layer)
+    for i, c in zip(layers, round_to_total(targets, total, caps)):
+        counts[i] = c
+    return counts
+
+
 def select(per_layer: list[Units | None], ratio: float, global_rank: bool, kind: str,
-           count: int | None = None) -> list[list[int]]:
+           count: int | list[int] | None = None, ratios: list[float | None] | None = None) -> list[list[int]]:
     """Indices of the units removed in each layer. ``count`` (a step of an iterative schedule) replaces the ratio:
-    the number of units each layer loses (uniform) or all layers together lose (global); 0 removes nothing."""
+    the number of units each layer loses (uniform) or all layers together lose (global); 0 removes nothing; a
+    list gives every layer its own count (uniform only). ``ratios`` (uniform only): every layer's own ratio,
+    turned into counts by :func:`layer_counts` (their total: ``count``, or what ``ratio`` removes in all)."""
     layers = [i for i, u in enumerate(per_layer) if u is not None]
     removed: list[list[int]] = [[] for _ in per_layer]
     if not layers or count == 0:
         return removed
     label = "attention head" if kind == "heads" else "MLP channel"
+    if ratios is not None and not isinstance(count, list):
+        if global_rank:
+            raise PruneError("Per-layer ratios (criterion cfsp) decide each layer's share; drop --global-rank.")
+        count = layer_counts(per_layer, ratios, count, ratio)
+        if not sum(count):
+            raise PruneError(f"Ratio {ratio:g} removes no {label} (the model has "
+                             f"{sum(per_layer[i].scores.numel() for i in layers)} {_what(kind, per_layer[layers[0]])}); "
+                             "use a larger --sparsity.")
+    if isinstance(count, list):
+        if global_rank:
+            raise PruneError("Per-layer counts are for uniform selection; drop --global-rank.")
+        for i in layers:
+            u, k = per_layer[i], int(count[i])
+            if k >= u.scores.numel():
+                raise PruneError(f"The schedule removes every {label} of layer {i} ({u.scores.numel()} "
+                                 f"{_what(kind, u)}); use a smaller --sparsity.")
+            removed[i] = u.scores.argsort(stable=True)[:k].tolist() if k > 0 else []
+        return removed
     if not global_rank:
         for i in layers:
             u = per_layer[i]

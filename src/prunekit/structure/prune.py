@@ -45,7 +45,11 @@ def _unique_params(modules: list[nn.Module]) -> int:
     return n
 
 
-def scores_for(adapter: Adapter, model: nn.Module, st: Structure, batches, stats, batch_size: int, progress: bool):
+PER_BLOCK = ("cfsp",)  # criteria that also set every block's own ratio (LayerScores.ratio)
+
+
+def scores_for(adapter: Adapter, model: nn.Module, st: Structure, batches, stats, batch_size: int, progress: bool,
+               device="cpu"):
     if st.criterion == "magnitude":
         return imp.magnitude(adapter, model, p=2)
     if st.criterion == "magnitude-l1":
@@ -54,6 +58,14 @@ def scores_for(adapter: Adapter, model: nn.Module, st: Structure, batches, stats
         return imp.random_scores(adapter, model, st.seed)
     if st.criterion == "fluctuation":
         return imp.fluctuation(adapter, model, stats)
+    if st.criterion == "cfsp":
+        from prunekit.structure.cfsp import cfsp_scores
+
+        return cfsp_scores(adapter, model, batches, st.sparsity, st.width_kinds, batch_size, device, progress)[0]
+    if st.criterion == "loraprune":  # one LoRA scoring segment (a caller that prunes in parts of its own)
+        from prunekit.structure.loraprune import segment_scores
+
+        return segment_scores(adapter, model, st, batches, progress)
     modules = []
     for block in adapter.blocks(model):
         if not attention_removed(adapter, block):
@@ -98,16 +110,19 @@ def check(adapter: Adapter, model: nn.Module, st: Structure) -> None:
     if st.width_kinds:
         zeros = _zero_scores(adapter, model)
         for kind in st.width_kinds:
-            select(build_units(adapter, model, zeros, kind, "random", st.gqa), st.sparsity, st.global_rank, kind)
+            select(build_units(adapter, model, zeros, kind, "random", st.gqa), st.sparsity,
+                   st.global_rank or st.criterion in PER_BLOCK, kind)
 
 
 AMOUNT_KINDS = ("layers", "sublayers", "heads", "mlp", "hidden")
 
 
-def target_amounts(adapter: Adapter, model: nn.Module, st: Structure) -> dict[str, int]:
+def target_amounts(adapter: Adapter, model: nn.Module, st: Structure, pooled: bool = False) -> dict[str, int]:
     """What ``st`` removes from ``model`` in one shot, as counts: whole ``layers`` / ``sublayers``, ``hidden``
     channels, and for ``heads`` / ``mlp`` the units each layer loses (uniform) or all layers lose together
-    (global rank). An iterative schedule splits these counts into parts (:func:`split_amounts`)."""
+    (global rank, per-block ratios; ``pooled``: the uniform counts summed over the layers, for a schedule that
+    shares every part out itself, Adapt-Pruner). An iterative schedule splits these counts into parts
+    (:func:`split_amounts`)."""
     check(adapter, model, st)
     out = {"layers": st.remove_layers, "sublayers": st.remove_sublayers, "heads": 0, "mlp": 0, "hidden": 0}
     if "hidden" in st.kinds:
@@ -125,11 +140,29 @@ def target_amounts(adapter: Adapter, model: nn.Module, st: Structure) -> dict[st
         kept_blocks = len(zeros) - st.remove_layers
         for kind in st.width_kinds:
             units = build_units(adapter, model, zeros, kind, "random", st.gqa)
-            if st.global_rank:  # as one shot would: over the blocks left after the depth step
+            if st.global_rank or st.criterion in PER_BLOCK:  # as one shot: over the blocks left after depth
                 out[kind] = nearest_count(st.sparsity, kept_blocks / units[0].share)
             else:
-                out[kind] = len(select(units, st.sparsity, False, kind)[0])
+                out[kind] = len(select(units, st.sparsity, False, kind)[0]) * (kept_blocks if pooled else 1)
     return out
+
+
+def unit_table(adapter: Adapter, model: nn.Module, st: Structure) -> dict[str, list[tuple[int, float, int] | None]]:
+    """Per kind of ``st.width_kinds`` and layer: (the removable units the layer has now, one unit's share of the
+    sublayer's weights, the sublayer's size: query + kv heads, or MLP channels); None where the sublayer is gone."""
+    zeros = _zero_scores(adapter, model)
+    blocks = adapter.blocks(model)
+    out = {}
+    for kind in st.width_kinds:
+        units = build_units(adapter, model, zeros, kind, "random", st.gqa)
+        size = [sum(block_heads(adapter, model, b)) if kind == "heads" else block_width(adapter, b) for b in blocks]
+        out[kind] = [None if u is None else (u.scores.numel(), u.share, n) for u, n in zip(units, size)]
+    return out
+
+
+def _some(amount) -> bool:
+    """Whether a step's amount removes anything: a count, or per-layer counts (a list)."""
+    return any(amount) if isinstance(amount, list) else bool(amount)
 
 
 def split_amounts(target: dict[str, int], parts: int) -> list[dict[str, int]]:
@@ -143,20 +176,26 @@ def split_amounts(target: dict[str, int], parts: int) -> list[dict[str, int]]:
 
 def prune_structured(
     model: nn.Module, recipe: Recipe, calibration_batches: torch.Tensor | None = None, *, device: str = "cpu",
-    progress: bool = True, amounts: dict[str, int] | None = None,
+    progress: bool = True, amounts: dict[str, int] | None = None, scores: list[imp.LayerScores] | None = None,
 ) -> tuple[nn.Module, Report]:
     """Remove what ``recipe.structure`` says; ``amounts`` (one step of an iterative schedule, see
     :func:`target_amounts`) replaces its sizes by counts, scored and selected the same way. The report's summary
     says which blocks went (``removed_layers``, indices before the removal) and, for hidden pruning, the kept
-    residual channels (``hidden_kept``), so a caller can map the result back to the source model."""
+    residual channels (``hidden_kept``), so a caller can map the result back to the source model. ``scores``:
+    the heads / MLP scores to use instead of the criterion's (LoRAPrune's rounds hand theirs in)."""
     st = recipe.structure
+    if amounts is None and scores is None and (st.learn or st.criterion == "loraprune"):  # trained, not one-shot
+        from prunekit.structure import compresso, loraprune
+
+        run = compresso.prune_compresso if st.learn else loraprune.prune_loraprune
+        return run(model, recipe, calibration_batches, device=device, progress=progress)
     adapter = adapter_for(model)
     if amounts is None:
         check(adapter, model, st)
     else:
         adapter.require_layout()
         st = st.model_copy(update={"remove_layers": amounts.get("layers", 0), "remove_sublayers": amounts.get("sublayers", 0),
-                                   "kinds": [k for k in st.kinds if amounts.get(k, 0)]})
+                                   "kinds": [k for k in st.kinds if _some(amounts.get(k, 0))]})
     if st.needs_data:
         if calibration_batches is None:
             raise PruneError("This structured pruning needs calibration data; pass calibration_batches (token ids).")
@@ -208,13 +247,18 @@ def prune_structured(
     if st.width_kinds:
         t0 = time.perf_counter()
         if amounts is None:
-            check(adapter, model, Structure(kinds=st.width_kinds, sparsity=st.sparsity, gqa=st.gqa, global_rank=st.global_rank))
+            check(adapter, model, Structure(kinds=st.width_kinds, sparsity=st.sparsity, gqa=st.gqa,
+                                            global_rank=st.global_rank, criterion=st.criterion))
         stats = None
         if st.criterion == "fluctuation" or st.bias_compensation:
             stats = imp.collect_meanvar(adapter, model, calibration_batches, bs, device, progress)
-        scores = scores_for(adapter, model, st, calibration_batches, stats, bs, progress)
+        if scores is None:
+            scores = scores_for(adapter, model, st, calibration_batches, stats, bs, progress, device=device)
+        ratios = [s.ratio for s in scores] if any(s.ratio is not None for s in scores) else None
+        if ratios is not None:
+            summary["block_ratios"] = [None if r is None else round(r, 4) for r in ratios]
         units = {k: build_units(adapter, model, scores, k, st.criterion, st.gqa) for k in st.width_kinds}
-        removed = {k: select(units[k], st.sparsity, st.global_rank, k, None if amounts is None else amounts[k])
+        removed = {k: select(units[k], st.sparsity, st.global_rank, k, None if amounts is None else amounts[k], ratios)
                    for k in st.width_kinds}
         plan = make_plan(adapter, model, units, removed)
         expected -= removed_params(adapter, model, plan)
@@ -276,7 +320,8 @@ def summary_lines(report: Report) -> list[str]:
     s, r = report.summary, report.recipe.get("structure") or {}
     what = []
     if r.get("kinds"):
-        what.append(f"{','.join(r['kinds'])} sparsity {r.get('sparsity', r.get('ratio', 0)):g} by {r['criterion']}"
+        what.append(f"{','.join(r['kinds'])} sparsity {r.get('sparsity', r.get('ratio', 0)):g} by "
+                    + (f"learned masks ({r['learn']})" if r.get("learn") else r["criterion"])
                     + (" (global rank)" if r.get("global_rank") else "") + (" + bias compensation" if r.get("bias_compensation") else ""))
     if r.get("remove_layers"):
         what.append(f"{r['remove_layers']} layer(s) by block influence")

@@ -14,6 +14,19 @@ towards the dense teacher, optionally in several parts.
    the student's blocks of ``||h_s - h_t||^2 / ||h_t||^2``, ``h_t`` the output of the teacher block the student
    block came from, on the residual channels the student kept (:class:`Lineage`).
 
+Schedule ``adapt-pruner`` (Pan et al. 2024, Adapt-Pruner / Adapt-Accel): the parts are the same totals of heads /
+MLP units, but each is shared out over the blocks anew (:func:`adapt_pruner_amounts`): before part t every
+block's angular distance ``d_l`` (:func:`prunekit.structure.similarity.block_distances`) is measured on the model
+distilled so far and normalized to ``I_l`` in [-1, 1] (centred, divided by the largest deviation); block l's
+removed fraction of its source weights moves from where it is by ``e - adapt_amplitude * I_l`` (never back;
+``e`` = the part's even step, about sparsity / K), and :func:`~prunekit.core.masks.round_to_total` makes the
+part's counts add up to exactly its total (every block keeping a unit). Blocks whose output resembles their
+input lose more; after K parts the model has exactly the one-shot totals of heads and MLP units (the uniform
+counts summed over the blocks). Within a block the structure's criterion picks the units.
+
+Every run's summary has ``journey`` (:class:`prunekit.core.journey.Journey`): the live parameters during each
+part's training steps, from the dense count (0 steps) to the final one, and their average over the steps.
+
 Checkpoints (``work_dir``; the CLI puts it beside ``--out`` as ``.<out>.distill``): every ``checkpoint_every``
 steps and at the end of each part, the student (its own shapes), the optimizer state, the masks and
 ``state.json`` (where the run is, and a fingerprint of the dense weights, the token ids, the recipe and the
@@ -39,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.arch import adapter_for, target_layers
+from prunekit.core.journey import Journey, live_parameters
 from prunekit.core.loop import kd_loss, make_optimizer, make_schedule, train_loop
 from prunekit.core.masks import Masks
 from prunekit.core.progress import hf_bars_off, say
@@ -90,19 +104,20 @@ class RunState:
     prune_summaries: list[dict] = field(default_factory=list)
     prune_times: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)  # what after_prune measured
+    journey: list[int] = field(default_factory=list)  # live parameters after each part's pruning
 
     def to_json(self) -> dict:
         return {"part": self.part, "part_step": self.part_step, "pruned": self.pruned, "metrics": self.metrics,
                 "lineage": None if self.lineage is None else {"blocks": self.lineage.blocks, "hidden": self.lineage.hidden},
                 "losses": self.losses, "seconds": self.seconds, "prune_summaries": self.prune_summaries,
-                "prune_times": self.prune_times}
+                "prune_times": self.prune_times, "journey": self.journey}
 
     @classmethod
     def from_json(cls, d: dict) -> RunState:
         lin = d.get("lineage")
         return cls(d["part"], d["part_step"], d["pruned"], None if lin is None else Lineage(lin["blocks"], lin["hidden"]),
                    list(d.get("losses", [])), float(d.get("seconds", 0.0)), list(d.get("prune_summaries", [])),
-                   list(d.get("prune_times", [])), dict(d.get("metrics", {})))
+                   list(d.get("prune_times", [])), dict(d.get("metrics", {})), list(d.get("journey", [])))
 
 
 # ---- the loss ---------------------------------------------------------------------------------------------------
@@ -379,6 +394,45 @@ def _merge_summaries(summaries: list[dict], model: nn.Module, recipe: Recipe) ->
     return out
 
 
+def adapt_pruner_amounts(student: nn.Module, source: dict, recipe: Recipe, calibration_batches: torch.Tensor,
+                         parts: list[dict], part: int, *, device: str = "cpu", progress: bool = False) -> dict:
+    """Part ``part`` (0-based) of the adapt-pruner schedule (see the module doc): per-layer counts of heads /
+    MLP units for :func:`~prunekit.structure.prune.prune_structured` (``amounts[kind]`` a list), from the block
+    distances of ``student`` (the model distilled so far); ``source``: the dense model's
+    :func:`~prunekit.structure.prune.unit_table`; ``parts``: the pooled totals of every part
+    (:func:`~prunekit.structure.prune.split_amounts`)."""
+    from prunekit.core.masks import round_to_total
+    from prunekit.structure.prune import unit_table
+    from prunekit.structure.similarity import block_distances, normalized_importance
+
+    st, cfg = recipe.structure, recipe.distill
+    adapter = adapter_for(student)
+    dist = block_distances(adapter, student, calibration_batches, recipe.calibration.batch_size, device, progress,
+                           desc=f"adapt-pruner distances {part + 1}/{len(parts)}")
+    imp = normalized_importance(dist)
+    src, now = source, unit_table(adapter, student, st)
+    out: dict = {"layers": 0, "sublayers": 0, "hidden": 0}
+    for kind in st.width_kinds:
+        layers = [i for i, u in enumerate(now[kind]) if u is not None]
+        # units removed so far, in the source's units (a GQA layer down to one query slice counts its kv groups
+        # as units, so the count comes from the sizes: one source unit is share * size of the source sublayer)
+        removed = {i: round((src[kind][i][2] - now[kind][i][2]) / (src[kind][i][1] * src[kind][i][2])) for i in layers}
+        total = sum(p[kind] for p in parts[: part + 1]) - sum(removed.values())  # the cumulative target, exactly
+        targets, caps = [], []
+        for i in layers:
+            share = src[kind][i][1]  # one unit's share of the source sublayer
+            gone = removed[i] * share
+            even = max(total, 0) / len(layers) * share  # this part's even step, as a fraction of the sublayer
+            want = min(max(gone + even - cfg.adapt_amplitude * imp[i], gone), 1.0 - share)
+            targets.append((want - gone) / share)
+            caps.append(src[kind][i][0] - 1 - removed[i])
+        counts = [0] * len(now[kind])
+        for i, c in zip(layers, round_to_total(targets, max(total, 0), caps)):
+            counts[i] = c
+        out[kind] = counts
+    return out
+
+
 def _steps_per_part(steps: int, parts: int) -> list[int]:
     base, extra = divmod(steps, parts)
     return [base + (1 if j < extra else 0) for j in range(parts)]
@@ -443,7 +497,7 @@ def compress_and_distill(
     ``after_prune(model, report)``: called once the pruning is complete, before its distillation, when the
     schedule has one part (the CLI measures the one-shot perplexity there)."""
     from prunekit import api
-    from prunekit.structure.prune import prune_structured, split_amounts, target_amounts
+    from prunekit.structure.prune import prune_structured, split_amounts, target_amounts, unit_table
     from prunekit.train.recovery import _check_tokens
 
     cfg = recipe.distill
@@ -451,9 +505,12 @@ def compress_and_distill(
         raise PruneError("The recipe has no distill section.")
     ids = _check_tokens(distill_batches, model)
     adapter = adapter_for(model)
+    adaptive = cfg.schedule == "adapt-pruner"
     parts: list[dict | None] = [None]
-    if recipe.structure is not None and cfg.iterations > 1:
-        parts = split_amounts(target_amounts(adapter, model, recipe.structure), cfg.iterations)
+    if recipe.structure is not None and (cfg.iterations > 1 or adaptive):
+        parts = split_amounts(target_amounts(adapter, model, recipe.structure, pooled=adaptive), cfg.iterations)
+    source_units = unit_table(adapter, model, recipe.structure) if adaptive else None
+    dense_live = live_parameters(model)
     part_steps = _steps_per_part(cfg.steps, len(parts))
     work = None if work_dir is None else Path(work_dir)
     fp = fingerprint(model, [calibration_batches, ids], recipe) if work is not None else {}
@@ -474,8 +531,12 @@ def compress_and_distill(
     for part in range(state.part, len(parts)):
         if not state.pruned:
             if recipe.structure is not None:
+                amounts = parts[part]
+                if adaptive:
+                    amounts = adapt_pruner_amounts(student, source_units, recipe, calibration_batches, parts, part,
+                                                   device=device, progress=progress)
                 student, rep = prune_structured(student, recipe, calibration_batches, device=device, progress=progress,
-                                                amounts=parts[part])
+                                                amounts=amounts)
                 state.lineage = state.lineage.after(rep.summary)
             else:
                 student, rep = api._prune_only(student, recipe, calibration_batches, device, progress)
@@ -483,6 +544,7 @@ def compress_and_distill(
                 masks = Masks.from_zeros(student, names)
             state.prune_summaries.append({k: v for k, v in rep.summary.items() if k != "block_influence"})
             state.prune_times.append(dict(rep.times))
+            state.journey.append(live_parameters(student, masks))
             state.pruned, state.part_step, opt_state = True, 0, None
             if after_prune is not None and len(parts) == 1:
                 after_prune(student, rep)
@@ -493,7 +555,7 @@ def compress_and_distill(
         def checkpoint(opt, part_step, global_step, part_losses, part=part):
             snap = RunState(part, part_step, True, state.lineage, losses_before + part_losses,
                             seconds_before + time.perf_counter() - t_part, state.prune_summaries, state.prune_times,
-                            state.metrics)
+                            state.metrics, state.journey)
             save_checkpoint(work, student, opt, masks, snap, fp)
             _after_checkpoint(global_step)
 
@@ -516,4 +578,9 @@ def compress_and_distill(
         "seconds": state.seconds, **({"resumed_at_step": resumed_at} if resumed_at is not None else {}),
     }
     report.times["distill_s"] = state.seconds
+    journey = Journey()
+    journey.add(dense_live, steps=0)
+    for live, n in zip(state.journey, part_steps):
+        journey.add(live, steps=n)
+    report.summary["journey"] = journey.summary()
     return student, report

@@ -13,6 +13,9 @@ Methods (``prunekit.recipe.Recovery.method``):
 * ``distill``: like ``perp``, with loss ``(1 - w) * LM + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))``
   against the dense ``teacher``.
 
+``Recovery.select`` / ``keep`` first choose which windows to train on (:mod:`prunekit.train.select`: all, random,
+paser); the number of steps stays ``Recovery.steps`` whatever the share.
+
 The LoRA adapters are masked while they train (the layer computes with ``W + M * (B @ A) * scaling``, M = 1 where
 the weight is kept; "MaskLoRA" in the PERP paper), so that merging them (peft ``merge_and_unload``) and zeroing the
 pruned weights again gives exactly the model that was trained. Afterwards the model is the same object of the same
@@ -35,6 +38,7 @@ from prunekit.core.masks import Masks
 from prunekit.errors import PruneError
 from prunekit.core.registry import Registry
 from prunekit.recipe import Recovery
+from prunekit.train.select import check_selection, select_windows
 
 RECOVERY_METHODS = Registry("recovery method")
 RECOVERY_METHODS.register_names((
@@ -96,9 +100,11 @@ def _check_tokens(token_batches, model: nn.Module) -> torch.Tensor:
 
 def _check_teacher(rec: Recovery, teacher, model: nn.Module) -> None:
     if rec.method != "distill":
-        if teacher is not None:
-            raise PruneError(f"A teacher is only used by recovery method 'distill', not {rec.method!r}; drop the teacher or use method 'distill'.")
-        return
+        if teacher is not None and rec.select != "paser":
+            raise PruneError(f"A teacher is only used by recovery method 'distill' and by select 'paser', not by method "
+                             f"{rec.method!r} with select {rec.select!r}; drop the teacher or use one of those.")
+        if teacher is None:
+            return
     if teacher is None:
         raise PruneError("Recovery method 'distill' needs the dense model as teacher; pass teacher= (CLI: --teacher MODEL).")
     if teacher is model:
@@ -183,16 +189,21 @@ def recover(
     token_batches: torch.Tensor,
     *,
     teacher: nn.Module | None = None,
+    tokenizer=None,
+    embeddings=None,
     structured: bool = False,
     progress: bool = True,
 ) -> tuple[nn.Module, dict]:
     """Train the pruned ``model`` in place as ``recovery`` says; every pruned weight stays exactly zero.
 
     ``token_batches``: int64 token ids ``[n, seqlen]`` (e.g. :func:`prunekit.batches.calibration_batches`),
-    cycled over in seeded mini-batches of ``recovery.batch_size``. ``teacher``: the dense model, needed by
-    method ``distill`` only. ``structured``: the model was structurally pruned (smaller shapes, maybe no zeros);
+    cycled over in seeded mini-batches of ``recovery.batch_size``; with ``recovery.select`` random or paser only the
+    selected share of them (:func:`prunekit.train.select.select_windows`; paser needs ``tokenizer`` to embed the
+    windows' text, or their ``embeddings [n, d]``). ``teacher``: the dense model, needed by method ``distill`` and
+    select ``paser``. ``structured``: the model was structurally pruned (smaller shapes, maybe no zeros);
     zeros it has are still kept, and a model without zeros is accepted. Returns ``(model, stats)`` with stats ``steps``, ``loss_first`` / ``loss_last``
-    (mean training loss over the first / last 10% of steps), ``seconds`` and ``trainable_params``.
+    (mean training loss over the first / last 10% of steps), ``seconds`` and ``trainable_params``, and
+    ``selection`` (which windows were trained on and why, see :mod:`prunekit.train.select`).
     """
     if isinstance(recovery, Recovery):
         rec = recovery
@@ -203,7 +214,11 @@ def recover(
     ids = _check_tokens(token_batches, model)
     check_finite(model, "The model to recover")
     _check_teacher(rec, teacher, model)
+    check_selection(rec, teacher, tokenizer, embeddings, ids.shape[0])
     masks = pruning_masks(model, structured)
+    selection = select_windows(model, rec, ids, teacher=teacher, tokenizer=tokenizer, embeddings=embeddings,
+                               progress=progress)
+    ids = ids[selection.indices]
 
     device = next(model.parameters()).device
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -231,6 +246,7 @@ def recover(
         for p in params:
             p.requires_grad_(True)
         stats = _train(model, rec, ids, params, masks.masks if rec.method == "full" else None, teacher, device, progress)
+        stats["selection"] = selection.info
         for p in params:  # the last step can diverge after its loss was finite
             if not bool(torch.isfinite(p).all()):
                 raise PruneError(

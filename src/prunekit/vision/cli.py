@@ -118,6 +118,8 @@ def train_prune(
     if cfg.structure == "channels":
         ch = info["channels"]
         print(f"channels: parameters {ch['params_before']:,} -> {ch['params_after']:,}")
+    j = info["journey"]
     print(f"final test accuracy {m['test_acc']:.4f} on {m['test_images']} images, sparsity {m['sparsity']:.4f}, "
+          f"average parameters {j['average_params']:,.0f} over {j['steps']} steps (final {j['final_params'] or 0:,}), "
           f"{info['seconds']:.1f}s")
     print(f"saved {out}  (prunekit.vision.train.load_run('{out}') rebuilds it)")

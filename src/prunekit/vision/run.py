@@ -38,10 +38,27 @@ def save_run(out: str | Path, model: nn.Module, cfg, masks: Masks | None, info: 
         extra = {k: info[k] for k in ("dense_acc", "acc_after_prune", "rounds", "gradual", "precrop_ratios") if k in info}
         manifest = record("vision", cfg.model_dump(), metrics=info.get("metrics"),
                           timings={"train_prune_s": info["seconds"]} if "seconds" in info else None, layers=layers,
-                          shapes=shapes_of(model), channels=info.get("channels"), **extra)
+                          shapes=shapes_of(model), channels=info.get("channels"),
+                          summary=run_summary(model, masks, info), **extra)
         (tmp / "prunekit.json").write_text(dumps(manifest))
         (tmp / "curves.json").write_text(dumps(info.get("history", [])))
         _plot_curves(info.get("history", []), tmp / "curves.png", f"{cfg.model} {cfg.criterion}/{cfg.allocation} {cfg.schedule}")
+    return out
+
+
+def run_summary(model: nn.Module, masks: Masks | None, info: dict) -> dict:
+    """The record's ``summary``: parameters and non-zeros of the saved model, the sparsity of the masked weights
+    (``target_sparsity``; channel runs: ``params_ratio``, parameters after / before) and ``journey``, the
+    live-parameter count over training (:class:`prunekit.core.journey.Journey`: ``average_params`` ...)."""
+    params = sum(p.numel() for p in model.parameters())
+    out: dict = {"params": params, "nonzeros": sum(int((p != 0).sum()) for p in model.parameters())}
+    if masks is not None:
+        out["target_sparsity"] = masks.sparsity()
+    ch = info.get("channels")
+    if isinstance(ch, dict) and ch.get("params_before"):
+        out["params_ratio"] = ch["params_after"] / ch["params_before"]
+    if "journey" in info:
+        out["journey"] = info["journey"]
     return out
 
 

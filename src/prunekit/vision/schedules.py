@@ -76,7 +76,7 @@ def compute_masks(model: nn.Module, sparsity: float, criterion: str = "magnitude
     names = list(masks) if masks is not None else list(prunable(model, exclude))
     if criterion != "synflow":
         s = score(model, criterion, names, batches=batches, masks=masks, seed=seed, input_shape=input_shape)
-        return _allocate(s, sparsity, allocation, min_density)
+        return _allocate(s, sparsity, allocation, min_density, model, batches)
     if input_shape is None:
         raise PruneError("SynFlow needs the input shape (e.g. 1,28,28).")
     if iterations < 1:
@@ -86,11 +86,48 @@ def compute_masks(model: nn.Module, sparsity: float, criterion: str = "magnitude
     for k in range(1, iterations + 1):
         s_k = 1.0 - start_density * ((1.0 - sparsity) / start_density) ** (k / iterations)
         s = score(model, "synflow", names, masks=cur, input_shape=input_shape)
-        cur = _allocate(s, min(max(s_k, 0.0), sparsity), allocation, min_density)
+        cur = _allocate(s, min(max(s_k, 0.0), sparsity), allocation, min_density, model, batches)
     return cur
 
 
-def _allocate(scores: dict[str, torch.Tensor], sparsity: float, allocation: str, min_density: float | None) -> Masks:
+RD_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+
+
+def rd_curves(model: nn.Module, scores: dict[str, torch.Tensor], batches, grid=RD_GRID, max_inputs: int = 256) -> dict:
+    """Allocation rd's curves for a vision model: for each layer alone, its lowest-scored weights zeroed to each
+    sparsity of ``grid``, the mean squared change of the model's outputs (eval mode) on up to ``max_inputs``
+    inputs of ``batches``; the weights are restored after each point."""
+    from prunekit.core.masks import keep_highest, kept_total
+
+    if not batches:
+        raise PruneError("Allocation rd measures output distortion on inputs; give it batches of training images.")
+    x = torch.cat([b[0] for b in batches])[:max_inputs]
+    params = prunable(model)
+    was = model.training
+    model.eval()
+    curves: dict[str, list[float]] = {}
+    try:
+        with torch.no_grad():
+            ref = model(x).float()
+            for name, sc in scores.items():
+                p = params[name]
+                saved = p.detach().clone()
+                row = []
+                for g in grid:
+                    keep = keep_highest(sc.reshape(p.shape), kept_total(p.numel(), g))
+                    p.mul_(keep.to(p.dtype))
+                    row.append(float((model(x).float() - ref).pow(2).mean()))
+                    p.copy_(saved)
+                curves[name] = row
+    finally:
+        model.train(was)
+    return curves
+
+
+def _allocate(scores: dict[str, torch.Tensor], sparsity: float, allocation: str, min_density: float | None,
+              model: nn.Module | None = None, batches=None) -> Masks:
+    if allocation == "rd":
+        return allocate_masks(scores, sparsity, "rd", rd_curves=rd_curves(model, scores, batches), rd_grid=list(RD_GRID))
     return allocate_masks(scores, sparsity, allocation, min_density=min_density or 0.0)
 
 

