@@ -98,3 +98,8 @@ def test_cli_d_pruner_and_its_mistakes(tmp_path, tiny_dir):
     assert rc == 2 and not (tmp_path / "c").exists()
     rc, _, err = invoke("prune", model, "--out", tmp_path / "d", "--method", "d-pruner", "--general-text", "nosuch")
     assert rc == 2 and "nosuch" in error_line(err) and not (tmp_path / "d").exists()
+
+
+def test_d_pruner_with_distill_is_refused_in_one_sentence():
+    with pytest.raises(prunekit.PruneError, match="d-pruner is not combined with a distill section"):
+        Recipe.make(method="d-pruner", distill={"steps": 2})

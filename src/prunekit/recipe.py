@@ -439,6 +439,9 @@ class Recipe(Config):
         if self.allocation.kind == "rd" and not self.allocation.table and self.sparsity > max(self.allocation.rd_grid) + 1e-12:
             raise ValueError(f"allocation rd measures distortion up to sparsity {max(self.allocation.rd_grid):g}, below "
                              f"the target {self.sparsity:g}; add a larger rd_grid point")
+        if self.distill is not None and self.method == "d-pruner":
+            raise ValueError("method d-pruner is not combined with a distill section yet; prune with d-pruner, then "
+                             "distil the output, or use a recovery section")
         if self.distill is not None and self.recovery is not None:
             raise ValueError("give a distill section or a recovery section, not both (distill trains every weight "
                              "towards the dense teacher; recovery trains adapters)")

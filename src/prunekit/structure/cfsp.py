@@ -31,6 +31,7 @@ from torch import nn
 from prunekit.arch.base import Adapter
 from prunekit.errors import PruneError
 from prunekit.linear import weight_matrix
+from prunekit.structure.importance import output_projections
 from prunekit.structure.similarity import block_distances
 from prunekit.structure.shrink import attention_removed, block_heads, mlp_removed
 
@@ -115,19 +116,7 @@ def cfsp_scores(adapter: Adapter, model: nn.Module, batches: torch.Tensor, spars
                 batch_size: int = 8, device="cpu", progress: bool = False):
     """One engine pass: block distances and the o_proj / down_proj input norms; returns the fine
     ``LayerScores`` of every block with ``ratio`` = its coarse pruning ratio, and the distances."""
-    blocks = adapter.blocks(model)
-    targets, where = [], {}
-    for i, block in enumerate(blocks):
-        t = []
-        if not attention_removed(adapter, block):
-            name = adapter.attn_name(i, "o")
-            t.append((name, adapter.attn_parts(block)["o"]))
-            where[name] = (i, "attn")
-        if not mlp_removed(adapter, block):
-            name = adapter.mlp_name(i, adapter.require_layout().mlp_out)
-            t.append((name, adapter.mlp_parts(block)[1]))
-            where[name] = (i, "mlp")
-        targets.append(t)
+    targets, where = output_projections(adapter, model)
     norms: dict[tuple[int, str], torch.Tensor] = {}
 
     def record(_bi, group, stat):

@@ -158,14 +158,11 @@ def fluctuation(adapter: Adapter, model: nn.Module, stats: dict[tuple[int, str],
     return out
 
 
-def collect_meanvar(
-    adapter: Adapter, model: nn.Module, batches: torch.Tensor, batch_size: int = 8, device="cpu", progress: bool = False
-) -> dict[tuple[int, str], torch.Tensor]:
-    """Mean and variance over calibration tokens of every input channel of o_proj and down_proj (dense model,
-    one forward pass per block through the shared engine)."""
-    blocks = adapter.blocks(model)
+def output_projections(adapter: Adapter, model: nn.Module):
+    """Per block, the (name, module) of its o_proj and down_proj that are still there (the engine's targets),
+    and name -> (block index, "attn" | "mlp")."""
     targets, where = [], {}
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(adapter.blocks(model)):
         t = []
         if not attention_removed(adapter, block):
             name = adapter.attn_name(i, "o")
@@ -176,6 +173,16 @@ def collect_meanvar(
             t.append((name, adapter.mlp_parts(block)[1]))
             where[name] = (i, "mlp")
         targets.append(t)
+    return targets, where
+
+
+def collect_meanvar(
+    adapter: Adapter, model: nn.Module, batches: torch.Tensor, batch_size: int = 8, device="cpu", progress: bool = False
+) -> dict[tuple[int, str], torch.Tensor]:
+    """Mean and variance over calibration tokens of every input channel of o_proj and down_proj (dense model,
+    one forward pass per block through the shared engine)."""
+    blocks = adapter.blocks(model)
+    targets, where = output_projections(adapter, model)
     out: dict[tuple[int, str], torch.Tensor] = {}
 
     def record(_bi, group, stat):
