@@ -67,6 +67,15 @@ def test_recover_reads_a_recipe_and_flags_override_it(tiny_dir, tmp_path):
     assert rc == 0, err
     rec = json.loads((tmp_path / "r" / "prunekit.json").read_text())["recovery"]
     assert rec["recipe"]["method"] == "lora" and rec["recipe"]["steps"] == 2 and rec["stats"]["steps"] == 2
+    assert "lora_ranks" not in rec["stats"]
+    rc, out, err = invoke("recover", tmp_path / "p", "--recipe", recipe, "--lora-ranks", "importance", "--eval-text",
+                          "none", "--out", tmp_path / "ig", "--quiet")
+    assert rc == 0, err
+    stats = json.loads((tmp_path / "ig" / "prunekit.json").read_text())["recovery"]["stats"]
+    assert sum(stats["lora_ranks"]) == 8 * len(stats["lora_ranks"])  # IG-LoRA: the same total rank, per block
+    rc, _, err = invoke("recover", tmp_path / "p", "--recipe", recipe, "--lora-ranks", "importance", "--method",
+                        "full", "--out", tmp_path / "ig2")
+    assert rc == 2 and "trains no adapters" in error_line(err) and not (tmp_path / "ig2").exists()
     recipe.write_text("recovery:\n  stepz: 3\n")
     rc, _, err = invoke("recover", tmp_path / "p", "--recipe", recipe, "--out", tmp_path / "r2")
     assert rc == 2 and "stepz" in error_line(err)

@@ -165,6 +165,8 @@ def test_interrupt_propagates_and_restores_the_model(ids, method):
         ({"distill_weight": 1.5}, "Invalid recovery distill_weight"),
         ({"method": "sgd"}, "Unknown recovery method 'sgd'"),
         ({"rank": 4}, "Unknown recovery field 'rank'"),
+        ({"lora_ranks": "adaptive"}, "Invalid recovery lora_ranks 'adaptive'"),
+        ({"lora_ranks": "importance", "method": "full"}, "method full trains no adapters"),
     ],
 )
 def test_bad_recipe_is_one_sentence(ids, fields, phrase):
@@ -309,3 +311,42 @@ def test_cli_ctrl_c_exits_130_and_writes_nothing(pruned_dir, tmp_path):
     assert "nothing was written" in err
     assert not out.exists() and _digest(src) == digest
     assert [x.name for x in tmp_path.iterdir() if x.name.startswith(".")] == []
+
+
+def test_ig_lora_ranks_follow_block_importance_with_the_same_total():
+    from prunekit.train.recovery import block_ranks
+
+    imp = [0.3, 0.9, 0.5, 0.1]
+    r = block_ranks(imp, 8)
+    assert sum(r) == 32 and min(r) >= 1
+    assert sorted(range(4), key=lambda i: r[i]) == sorted(range(4), key=lambda i: imp[i])  # more important, more rank
+    assert block_ranks([0.5] * 3, 4) == [4, 4, 4]
+
+
+def test_ig_lora_recovery_gives_each_block_its_rank(ids):
+    from prunekit.structure.similarity import block_distances, block_importance
+    from prunekit.train.recovery import block_ranks
+
+    _, model = _pruned(ids)
+    adapter = adapter_for(model)
+    want = block_ranks(block_importance(block_distances(adapter, model, ids[:8], 4)), 16)
+    # the adapters really have those ranks, block by block
+    masks = pruning_masks(model)
+    peft_model = _attach_lora(model, masks, prunekit.recipe.Recovery(lora_rank=16), want)
+    from peft.tuners.lora import LoraLayer
+
+    got = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer):
+            i = int(name.split(".layers.")[1].split(".")[0])
+            got.setdefault(i, set()).add(mod.lora_A["default"].weight.shape[0])
+    peft_model.unload()
+    assert [got[i] for i in sorted(got)] == [{r} for r in want]
+    assert len(set(want)) > 1  # the tiny model's blocks differ: the ranks are not all alike
+
+    before = _block_weights(model)
+    _, stats = recover(model, {"method": "perp", **FAST, "lora_rank": 16, "lora_ranks": "importance"}, ids,
+                       progress=False)
+    assert stats["lora_ranks"] == want and sum(want) == 16 * len(want)
+    for n, w in _block_weights(model).items():
+        assert torch.equal(w == 0, before[n] == 0)

@@ -571,6 +571,7 @@ def recover(
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default 100)")] = None,
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (default 2e-4; 10% warmup, cosine decay)")] = None,
     lora_rank: Annotated[Optional[int], typer.Option(help="LoRA rank (default 8)")] = None,
+    lora_ranks: Annotated[Optional[str], typer.Option(help="LoRA rank per decoder block: uniform (default) | importance (CFSP's IG-LoRA: in proportion to each block's angular-distance importance, the same total)")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 16)")] = None,
     text: Annotated[Optional[str], typer.Option(help="training text, its calibration split: shakespeare | pydoc | PATH.txt")] = None,
     samples: Annotated[Optional[int], typer.Option(help="training sequences drawn from the text (default 128)")] = None,
@@ -604,7 +605,7 @@ def recover(
 
     # typer turns Ctrl-C into a returned 130 that `app(standalone_mode=False)` drops; exit 130 here instead
     try:
-        flags = {"method": method, "steps": steps, "lr": lr, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "text": text,
+        flags = {"method": method, "steps": steps, "lr": lr, "lora_rank": lora_rank, "lora_ranks": lora_ranks, "lora_alpha": lora_alpha, "text": text,
                  "samples": samples, "seqlen": seqlen, "batch_size": batch_size, "distill_weight": distill_weight,
                  "temperature": temperature, "seed": seed, "select": select, "keep": keep, "clusters": clusters,
                  "dedup_threshold": dedup_threshold}

@@ -147,6 +147,7 @@ class Recovery(Config):
     perp: train norm weights, biases and LoRA adapters (merged into the weights, mask re-applied);
     lora: LoRA adapters only; full: every weight, masks enforced after each step;
     distill: like perp, with loss = (1 - distill_weight) * LM loss + distill_weight * KL(dense || pruned).
+    lora_ranks importance: LoRA ranks per block from the blocks' importance (CFSP's importance-guided LoRA).
     select + keep: train (the same steps) on a share of the samples windows only: random, or paser (clusters,
     budgets by the pruned model's divergence from the dense one; see prunekit.train.select).
     """
@@ -157,6 +158,10 @@ class Recovery(Config):
     lr: Positive = 2e-4
     lora_rank: PositiveInt = 8
     lora_alpha: Positive = 16.0
+    lora_ranks: Literal["uniform", "importance"] = Field(
+        "uniform", description="LoRA rank per decoder block: uniform (lora_rank everywhere) | importance (CFSP's "
+        "IG-LoRA: ranks in proportion to each block's importance, the angular distance between its input and output "
+        "on the training windows; the same total rank)")
     text: str = "shakespeare"
     samples: PositiveInt = 128
     seqlen: PositiveInt = 256
@@ -181,6 +186,9 @@ class Recovery(Config):
     def _keep_needs_selection(self) -> Recovery:
         if self.keep < 1.0 and self.select == "all":
             raise ValueError(f"keep {self.keep:g} needs select random or paser (select all trains on every window)")
+        if self.lora_ranks == "importance" and self.method == "full":
+            raise ValueError("lora_ranks importance sets the LoRA adapters' ranks, and method full trains no adapters "
+                             "(use perp, lora or distill, or lora_ranks uniform)")
         return self
 
 

@@ -32,7 +32,7 @@ from prunekit.arch.base import Adapter
 from prunekit.errors import PruneError
 from prunekit.linear import weight_matrix
 from prunekit.structure.importance import output_projections
-from prunekit.structure.similarity import block_distances
+from prunekit.structure.similarity import block_distances, block_importance
 from prunekit.structure.shrink import attention_removed, block_heads, mlp_removed
 
 LOW, HIGH = 0.0, 0.9  # the range of every block's pruning ratio
@@ -81,12 +81,10 @@ def block_ratios(distances: list[float], sparsity: float, weights: list[float] |
     if not low <= sparsity <= high:
         raise PruneError(f"cfsp keeps every block's ratio within [{low:g}, {high:g}]; sparsity {sparsity:g} is "
                          "outside it, so use a sparsity in that range.")
-    d = torch.tensor(distances, dtype=torch.float64)
-    w = torch.ones_like(d) if weights is None else torch.tensor(weights, dtype=torch.float64)
+    w = torch.ones(len(distances), dtype=torch.float64) if weights is None else torch.tensor(weights, dtype=torch.float64)
     if float(w.sum()) <= 0:
         return [float(sparsity)] * len(distances)
-    centre = float((d * w).sum() / w.sum())
-    g = torch.sigmoid((d - centre) / centre) if centre > 0 else torch.ones_like(d)
+    g = torch.tensor(block_importance(distances, w.tolist()), dtype=torch.float64)
     dev = g / ((g * w).sum() / w.sum()) - 1  # weighted mean 0
     keep = 1.0 - sparsity
     factor = 1.0

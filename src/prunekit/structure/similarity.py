@@ -70,6 +70,15 @@ def block_distances(
     return [s / max(c, 1) for s, c in zip(sums, count)]
 
 
+def block_importance(distances: list[float], weights: list[float] | None = None) -> list[float]:
+    """CFSP's coarse importance of each block, in (0, 1): ``sigmoid((d_l - mean d) / mean d)``, the mean weighted
+    by ``weights`` (e.g. the blocks' prunable parameters; default equal). All 1 when the mean distance is 0."""
+    d = torch.tensor(distances, dtype=torch.float64)
+    w = torch.ones_like(d) if weights is None else torch.tensor(weights, dtype=torch.float64)
+    centre = float((d * w).sum() / w.sum()) if float(w.sum()) > 0 else 0.0
+    return (torch.sigmoid((d - centre) / centre) if centre > 0 else torch.ones_like(d)).tolist()
+
+
 def normalized_importance(distances: list[float]) -> list[float]:
     """Adapt-Pruner's normalization: centred on the mean and divided by the largest deviation, in [-1, 1]
     (all 0 when every block is alike)."""

@@ -13,6 +13,11 @@ Methods (``prunekit.recipe.Recovery.method``):
 * ``distill``: like ``perp``, with loss ``(1 - w) * LM + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))``
   against the dense ``teacher``.
 
+``Recovery.lora_ranks`` ``importance`` (CFSP's importance-guided LoRA, IG-LoRA): the LoRA rank of each decoder
+block's adapters is in proportion to the block's coarse importance (:func:`prunekit.structure.similarity.
+block_importance` of its angular distance, measured on the first training windows), at least 1, with the same total
+rank over the blocks as ``lora_rank`` everywhere; ``stats["lora_ranks"]`` lists them.
+
 ``Recovery.select`` / ``keep`` first choose which windows to train on (:mod:`prunekit.train.select`: all, random,
 paser); the number of steps stays ``Recovery.steps`` whatever the share.
 
@@ -25,6 +30,7 @@ with an exception (Ctrl-C included) the exception propagates and the model is pu
 
 from __future__ import annotations
 
+import re
 from types import MethodType
 
 import torch
@@ -34,7 +40,7 @@ from torch import nn
 from prunekit.arch import adapter_for, target_layers
 from prunekit.checks import check_finite
 from prunekit.core.loop import kd_loss, make_optimizer, make_schedule, train_loop
-from prunekit.core.masks import Masks
+from prunekit.core.masks import Masks, apportion
 from prunekit.errors import PruneError
 from prunekit.core.registry import Registry
 from prunekit.recipe import Recovery
@@ -141,13 +147,51 @@ def _masked_lora_forward(self, x, *args, **kwargs):
     return torch.func.functional_call(base, {"weight": base.weight + delta}, (x, *args), kwargs)
 
 
-def _attach_lora(model: nn.Module, masks: PruningMasks, rec: Recovery):
-    """Inject peft LoRA adapters into every block linear layer (in place); returns the peft wrapper."""
+IMPORTANCE_WINDOWS = 8  # lora_ranks importance: the training windows the blocks' distances are measured on
+
+
+def block_ranks(importance: list[float], rank: int) -> list[int]:
+    """IG-LoRA: integer ranks in proportion to ``importance``, each at least 1, adding up to ``rank`` per block."""
+    n = len(importance)
+    return [1 + q for q in apportion(rank * n - n, importance)]
+
+
+def importance_ranks(model: nn.Module, rec: Recovery, ids: torch.Tensor, device) -> list[int]:
+    """Per decoder block, its LoRA rank under ``rec.lora_ranks`` (uniform: ``rec.lora_rank`` each)."""
+    adapter = adapter_for(model)
+    n = len(adapter.blocks(model))
+    if rec.lora_ranks == "uniform":
+        return [rec.lora_rank] * n
+    from prunekit.structure.similarity import block_distances, block_importance
+
+    was = model.training
+    model.eval()
+    try:
+        d = block_distances(adapter, model, ids[:IMPORTANCE_WINDOWS], rec.batch_size, device, desc="IG-LoRA ranks")
+    finally:
+        model.train(was)
+    return block_ranks(block_importance(d), rec.lora_rank)
+
+
+def _rank_pattern(model: nn.Module, masks: PruningMasks, ranks: list[int]) -> dict[str, int]:
+    """peft's ``rank_pattern``: every block layer's name -> its block's rank."""
+    adapter = adapter_for(model)
+    where = {id(m): i for i, b in enumerate(adapter.blocks(model)) for m in b.modules()}
+    return {name: ranks[where[id(mod)]] for name, mod in masks.layers if id(mod) in where}
+
+
+def _attach_lora(model: nn.Module, masks: PruningMasks, rec: Recovery, ranks: list[int] | None = None):
+    """Inject peft LoRA adapters into every block linear layer (in place); returns the peft wrapper. ``ranks``:
+    per decoder block (default ``rec.lora_rank`` everywhere)."""
     from peft import LoraConfig, get_peft_model
 
     fan_in_fan_out = any(type(mod).__name__ == "Conv1D" for _, mod in masks.layers)  # GPT-2 stores [in, out]
+    pattern = {}
+    if ranks is not None:
+        pattern = {re.escape(k): v for k, v in _rank_pattern(model, masks, ranks).items() if v != rec.lora_rank}
     cfg = LoraConfig(
         r=rec.lora_rank,
+        rank_pattern=pattern,
         lora_alpha=rec.lora_alpha,
         lora_dropout=0.0,
         bias="none",
@@ -237,16 +281,20 @@ def recover(
         for p in model.parameters():
             p.requires_grad_(False)
         lora_params: list[nn.Parameter] = []
+        ranks = None
         if rec.method != "full":
+            ranks = importance_ranks(model, rec, ids, device)
             with torch.random.fork_rng(devices=[]):  # seeded adapter init; the caller's RNG is left alone
                 torch.manual_seed(rec.seed)
-                peft_model = _attach_lora(model, masks, rec)
+                peft_model = _attach_lora(model, masks, rec, ranks)
             lora_params = _mask_adapters(model, masks)
         params = _unique(plain + lora_params)
         for p in params:
             p.requires_grad_(True)
         stats = _train(model, rec, ids, params, masks.masks if rec.method == "full" else None, teacher, device, progress)
         stats["selection"] = selection.info
+        if rec.lora_ranks == "importance" and ranks is not None:
+            stats["lora_ranks"] = ranks
         for p in params:  # the last step can diverge after its loss was finite
             if not bool(torch.isfinite(p).all()):
                 raise PruneError(

@@ -38,6 +38,29 @@ def _read_recipe(path: Path) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def _learned_help() -> str:
+    from prunekit.vision.learn import LEARNED
+
+    names = LEARNED.names()
+    return " | ".join(names) if names else "(none yet)"
+
+
+def parse_options(items: list[str] | None) -> dict:
+    """``KEY=VALUE`` strings -> a dict, each value read as a YAML scalar (numbers, true/false, lists)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PruneError(f"--option takes KEY=VALUE, got {item!r}.")
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise PruneError(f"--option {item!r}: the value is not a number, word or list.") from None
+    return out
+
+
 def train_prune(
     model: Annotated[Optional[str], typer.Argument(help="cnn | resnet | vit | concat | efficientnet-lite0")] = None,
     out: Annotated[Optional[Path], out_option("run directory (must not exist unless --overwrite)")] = None,
@@ -64,6 +87,8 @@ def train_prune(
     prune_every: Annotated[Optional[int], typer.Option(help="gradual: steps between mask updates")] = None,
     synflow_iterations: Annotated[Optional[int], typer.Option(help="SynFlow scoring rounds")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="fnmatch pattern of layers kept dense; repeatable")] = None,
+    learn: Annotated[Optional[str], typer.Option(help="a learned method that trains what it removes (runs its own schedule): " + _learned_help())] = None,
+    option: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE: an option of the chosen learn / schedule / criterion (e.g. --option rounds=4); repeatable")] = None,
     recipe: Annotated[Optional[Path], recipe_option("YAML/JSON recipe file or bundled name (global-mp, gradual-cubic, lottery-ticket, synflow-at-init, precrop-snip, lite0-channels); flags override its fields")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 1,
     overwrite: Overwrite = False,
@@ -88,12 +113,14 @@ def train_prune(
                  finetune_epochs=finetune_epochs, batch_size=batch_size, lr=lr, seed=seed, train_subset=train_subset,
                  test_subset=test_subset, image_size=image_size, rounds=rounds, rewind_step=rewind_step,
                  gradual_start=gradual_start, gradual_end=gradual_end, prune_every=prune_every,
-                 synflow_iterations=synflow_iterations, exclude=exclude or None)
+                 synflow_iterations=synflow_iterations, exclude=exclude or None, learn=learn)
     out = out if out is not None else (Path(fields.pop("out")) if "out" in fields else None)
     fields.pop("out", None)
     if out is None:
         raise PruneError("Give the run directory with --out DIR.")
     fields.update({k: v for k, v in flags.items() if v is not None})
+    if option:
+        fields["options"] = {**(fields.get("options") or {}), **parse_options(option)}
     cfg = make_config(**fields)
     from prunekit.io import check_output
 

@@ -35,7 +35,8 @@ def save_run(out: str | Path, model: nn.Module, cfg, masks: Masks | None, info: 
             zeros = int((p == 0).sum())
             layers.append({"name": name, "shape": list(p.shape), "params": p.numel(), "zeros": zeros,
                            "sparsity": zeros / max(1, p.numel())})
-        extra = {k: info[k] for k in ("dense_acc", "acc_after_prune", "rounds", "gradual", "precrop_ratios") if k in info}
+        extra = {k: info[k] for k in ("dense_acc", "acc_after_prune", "rounds", "gradual", "precrop_ratios", "learn")
+                 if k in info}
         manifest = record("vision", cfg.model_dump(), metrics=info.get("metrics"),
                           timings={"train_prune_s": info["seconds"]} if "seconds" in info else None, layers=layers,
                           shapes=shapes_of(model), channels=info.get("channels"),
@@ -87,7 +88,8 @@ def _plot_curves(history: list, path: Path, title: str) -> None:
 
 def load_run(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, Masks | None, dict]:
     """Rebuild a saved run: the zoo model named in the manifest (or ``model``, the same architecture a user
-    passed), resized to the saved shapes, weights loaded strictly; masks if saved."""
+    passed), resized to the saved shapes (a learned method's own architecture change first, through its
+    ``LEARNED`` entry's ``rebuild(model, manifest) -> model``), weights loaded strictly; masks if saved."""
     from safetensors.torch import load_file
 
     from prunekit.vision.channels import rebuild
@@ -98,6 +100,13 @@ def load_run(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Modul
     manifest = json.loads((path / "prunekit.json").read_text())
     if model is None:
         model = build_model(manifest["recipe"]["model"], num_classes=10, pretrained=False)
+    learn = manifest["recipe"].get("learn")
+    if learn:  # a learner that changes the architecture beyond channel counts rebuilds it (entry meta "rebuild")
+        from prunekit.vision.learn import LEARNED
+
+        fix = LEARNED.get(learn).meta.get("rebuild")
+        if fix is not None:
+            model = fix(model, manifest)
     rebuild(model, manifest["shapes"])
     sd = load_file(str(path / "model.safetensors"))
     masks = Masks.from_state(sd) if any(k.startswith("mask::") for k in sd) else None

@@ -72,6 +72,27 @@ class TrainPruneConfig(Config):
     exclude: list[str] = Field(default_factory=list, description="fnmatch patterns of layers kept dense")
     bn_recalibrate: bool = Field(True, description="channels: re-estimate BatchNorm statistics on 20 training "
                                                    "batches after the last training phase")
+    learn: str | None = Field(None, description="a learned method that trains what it removes (prunekit.vision.learn: "
+                              "LEARNED); it runs its own schedule")
+    options: dict = Field(default_factory=dict, description="the own options of the chosen learn / schedule / "
+                          "criterion entries (each entry takes the keys its params define)")
+
+    def option_owners(self) -> list:
+        """(registry, name) of every chosen entry that may take options: learn, schedule, criterion."""
+        owners = [(SCHEDULES, self.schedule), (CRITERIA if self.structure == "weights" else CHANNEL_CRITERIA,
+                                               self.criterion)]
+        if self.learn is not None:
+            from prunekit.vision.learn import LEARNED
+
+            owners.insert(0, (LEARNED, self.learn))
+        return owners
+
+    def options_for(self, registry, name: str):
+        """The entry's params (a Config) filled from ``options`` (its own keys only), or None if it has none."""
+        params = registry.get(name).params
+        if params is None:
+            return None
+        return params.make(**{k: v for k, v in self.options.items() if k in params.model_fields})
 
     @model_validator(mode="after")
     def _check(self):
@@ -132,7 +153,35 @@ class TrainPruneConfig(Config):
             raise ValueError("the lottery schedule trains epochs >= 1 per round")
         if self.schedule in ("at-init", "scratch", "gradual") and self.epochs + self.finetune_epochs < 1:
             raise ValueError(f"the {self.schedule} schedule needs epochs + finetune_epochs >= 1")
+        if self.learn is not None:
+            from prunekit.vision.learn import LEARNED
+
+            self.learn = LEARNED.canonical(self.learn)
+            if self.schedule != "oneshot":
+                raise ValueError(f"learn {self.learn} runs its own schedule; drop schedule {self.schedule}")
+        self._check_options()
         return self
+
+    def _check_options(self) -> None:
+        """Every key of ``options`` belongs to a chosen entry's params, and each entry's options validate."""
+        from prunekit.errors import PruneError
+
+        claimed: set[str] = set()
+        filled: dict = {}
+        for registry, name in self.option_owners():
+            params = registry.get(name).params
+            if params is None:
+                continue
+            claimed |= set(params.model_fields)
+            try:
+                filled.update(self.options_for(registry, name).model_dump())
+            except PruneError as e:
+                raise ValueError(str(e).rstrip(".")) from None
+        extra = sorted(set(self.options) - claimed)
+        if extra:
+            chosen = ", ".join(f"{r.concept} {n}" for r, n in self.option_owners())
+            raise ValueError(f"no chosen entry ({chosen}) takes the option {extra[0]!r}")
+        self.options = filled
 
 
 def make_config(**kw) -> TrainPruneConfig:
@@ -156,12 +205,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def train_epochs(model: nn.Module, data: dict, epochs: int, cfg: TrainPruneConfig, masks: Masks | None = None,
                  phase: str = "train", history: list | None = None, on_step=None, step0: int = 0,
                  total_steps: int | None = None, progress: bool = True, seed: int = 0,
-                 journey: Journey | None = None) -> int:
+                 journey: Journey | None = None, regularizer=None) -> int:
     """Train ``epochs`` epochs in the shared loop (:func:`prunekit.core.loop.train_loop`): SGD with Nesterov
     momentum, cosine learning rate over the phase, masks enforced. ``on_step(step) -> Masks | None`` may return new
     masks (gradual pruning); returns the last global step. ``history`` gets one row per epoch. ``journey`` gets
     every optimizer step at its live-parameter count (:meth:`Journey.tracking`: ``masks``, then the ones
-    ``on_step`` hands back)."""
+    ``on_step`` hands back). ``regularizer(model) -> scalar tensor`` is added to every step's loss (the learned
+    methods' penalties: polarization, nuclear norm, a FLOPs constraint)."""
     x, y = data["x_train"], data["y_train"]
     n = len(y)
     phase_steps = max(1, epochs * math.ceil(n / cfg.batch_size))
@@ -176,7 +226,10 @@ def train_epochs(model: nn.Module, data: dict, epochs: int, cfg: TrainPruneConfi
 
     def loss_fn(model, idx):
         out = model(x[idx])
-        return F.cross_entropy(out, y[idx]), out
+        loss = F.cross_entropy(out, y[idx])
+        if regularizer is not None:
+            loss = loss + regularizer(model)
+        return loss, out
 
     def after_step(step, epoch, idx, out, loss):
         tally["loss"] += loss.item() * len(idx)
@@ -294,7 +347,12 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
     journey = Journey()
     t0 = time.perf_counter()
     masks: Masks | None = None
-    if cfg.structure == "channels":
+    if cfg.learn is not None:
+        from prunekit.vision.learn import LEARNED, LearnContext
+
+        ctx = LearnContext(journey, hist, info, cfg.options_for(LEARNED, cfg.learn), progress)
+        model, masks = LEARNED.get(cfg.learn).impl(cfg, model, data, ctx)
+    elif cfg.structure == "channels":
         from prunekit.vision.channels import precrop_ratios, prune_channels
 
         example = data["x_train"][:2]

@@ -1,0 +1,188 @@
+"""The rest of training-time and CNN pruning (issue 20), each method next to the closest existing one at equal
+sparsity / MACs / parameter budget and equal training epochs, on Fashion-MNIST models and the EfficientNet-Lite0
+transfer (real ImageNet weights, adapted to Fashion-MNIST here and cached).
+
+Parts (each in ``benchmarks/vision_methods_parts/<name>.py``, a ``run(ctx) -> dict`` with ``setup``, ``rows``,
+``targets`` and optionally ``plot``, the row key to plot): see ``PARTS``. Writes
+benchmarks/results/vision_methods.{json,md,png}; a part run again replaces only its own entry. Every run uses
+1 CPU thread (the CNNs are small) unless ``--threads``.
+
+    .venv/bin/python benchmarks/vision_methods.py                   # every part
+    .venv/bin/python benchmarks/vision_methods.py --parts sap,lrp   # some
+    .venv/bin/python benchmarks/vision_methods.py --quick           # smoke run: tiny subsets, 1 seed, nothing written
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_json, machine  # noqa: E402
+
+from prunekit.vision.train import evaluate, load_data, make_config, train_epochs, train_prune  # noqa: E402,F401
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path.home() / ".cache" / "prunekit" / "benchmarks"
+PARTS = ("lrp", "sap", "polarization", "udfc")
+
+
+@dataclass
+class Ctx:
+    """What every part shares. ``quick`` shrinks every setting; ``seeds`` the seeds a part averages over."""
+
+    quick: bool = False
+    seeds: tuple[int, ...] = (0, 1, 2)
+    train_subset: int = 10000
+    test_subset: int = 5000
+    _data: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.quick:
+            self.seeds, self.train_subset, self.test_subset = (0,), 512, 256
+
+    def data(self, seed: int = 0, image_size: int | None = None, rgb: bool = False, train: int | None = None,
+             test: int | None = None) -> dict:
+        """Fashion-MNIST: a seeded random subset of the training images, the first test images (cached)."""
+        train = min(train or self.train_subset, self.train_subset) if self.quick else (train or self.train_subset)
+        test = min(test or self.test_subset, self.test_subset) if self.quick else (test or self.test_subset)
+        key = (seed, image_size, rgb, train, test)
+        if key not in self._data:
+            self._data[key] = load_data("fashion-mnist", train, test, seed, image_size, rgb=rgb)
+        return self._data[key]
+
+    def epochs(self, n: int) -> int:
+        """Training epochs: ``n``, or 1 in a quick run."""
+        return min(n, 1) if self.quick else n
+
+    def config(self, **fields):
+        """A train-prune recipe (``prunekit.vision.train.make_config``) with the quick run's epochs shrunk."""
+        for k in ("epochs", "finetune_epochs"):
+            if k in fields:
+                fields[k] = self.epochs(fields[k])
+        return make_config(**fields)
+
+    def train_prune(self, data: dict, **fields):
+        """``train_prune`` of a recipe on ``data``: (model, masks, info), no progress bars."""
+        return train_prune(self.config(**fields), progress=False, data=data)
+
+    @staticmethod
+    def mean_std(xs) -> tuple[float, float]:
+        xs = list(xs)
+        return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+    def lite0_fashion(self, epochs: int = 1, train: int = 6000, image_size: int = 64):
+        """EfficientNet-Lite0 with its real ImageNet weights, its classifier replaced and the whole network fine-tuned
+        ``epochs`` epoch(s) on ``train`` Fashion-MNIST images (64x64 RGB), cached under ~/.cache/prunekit; returns
+        (model in eval mode, data). Deterministic: seed 0, 1 thread."""
+        from safetensors.torch import load_file, save_file
+
+        from prunekit.vision.models import build_model
+
+        data = self.data(0, image_size, True, train, None)
+        model = build_model("efficientnet-lite0", num_classes=10)
+        if self.quick:
+            return model.eval(), data
+        path = CACHE / f"lite0_fashion_e{epochs}_n{train}_s{image_size}.safetensors"
+        if path.exists():
+            model.load_state_dict(load_file(str(path)))
+            return model.eval(), data
+        cfg = make_config(model="efficientnet-lite0", lr=0.02, batch_size=64, seed=0)
+        torch.manual_seed(0)
+        train_epochs(model, data, epochs, cfg, None, "lite0 transfer", progress=False, seed=0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        tmp.rename(path)
+        return model.eval(), data
+
+
+def write_md(res: dict) -> str:
+    lines = ["# The rest of training-time and CNN pruning", "",
+             f"Machine: {res['machine']}. Command: `{res['command']}`.", ""]
+    for name in PARTS:
+        part = res.get("parts", {}).get(name)
+        if not part:
+            continue
+        lines += [f"## {name}", "", part.get("setup", ""), ""]
+        rows = part.get("rows", [])
+        if rows:
+            cols = list(dict.fromkeys(k for r in rows for k in r))
+            lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+            lines.append("")
+        for t in part.get("targets", []):
+            lines.append(f"- **{'met' if t['met'] else 'missed'}**: {t['target']} — {t['detail']}")
+        for f in part.get("findings", []):
+            lines.append(f"- finding: {f}")
+        lines += ["", f"({part.get('seconds', 0):.0f} s)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    """One panel per part: each row's main figure (the part's ``plot`` key, default ``acc``)."""
+    from matplotlib.figure import Figure
+
+    parts = [p for p in PARTS if res.get("parts", {}).get(p, {}).get("rows")]
+    if not parts:
+        return
+    fig = Figure(figsize=(4.2 * len(parts), 3.6))
+    for i, name in enumerate(parts):
+        part = res["parts"][name]
+        key = part.get("plot", "acc")
+        rows = [r for r in part["rows"] if isinstance(r.get(key), (int, float))]
+        ax = fig.add_subplot(1, len(parts), i + 1)
+        ax.bar(range(len(rows)), [r[key] for r in rows], color="tab:blue",
+               yerr=[r.get(key + "_std", 0) for r in rows])
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([str(r.get("label", i)) for r in rows], rotation=60, ha="right", fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel(key, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--quick", action="store_true", help="a smoke run (tiny subsets, 1 seed); results not written")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    names = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PARTS]
+    if unknown:
+        sys.exit(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ctx = Ctx(quick=args.quick)
+    res = {} if args.quick else load_json(RESULTS / "vision_methods.json")
+    res.update({"machine": machine(), "command": "python benchmarks/vision_methods.py " + " ".join(sys.argv[1:])})
+    res.setdefault("parts", {})
+    for name in names:
+        mod = importlib.import_module(f"vision_methods_parts.{name}")
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        part = mod.run(ctx)
+        part["seconds"] = round(time.perf_counter() - t0, 1)
+        res["parts"][name] = part
+        for r in part.get("rows", []):
+            print("  ", json.dumps(r, default=str), flush=True)
+        for t in part.get("targets", []):
+            print(f"   {'MET' if t['met'] else 'MISSED'}: {t['target']} — {t['detail']}", flush=True)
+        if not args.quick:
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / "vision_methods.json").write_text(json.dumps(res, indent=1, default=str))
+            (RESULTS / "vision_methods.md").write_text(write_md(res))
+            plot(res, RESULTS / "vision_methods.png")
+
+
+if __name__ == "__main__":
+    main()
