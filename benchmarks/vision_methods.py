@@ -32,7 +32,7 @@ from prunekit.vision.train import evaluate, load_data, make_config, train_epochs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "prunekit" / "benchmarks"
-PARTS = ("lrp", "sap", "polarization", "udfc")
+PARTS = ("lrp", "sap", "polarization", "udfc", "analysis")
 
 
 @dataclass

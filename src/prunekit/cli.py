@@ -757,6 +757,9 @@ def recover(
 from prunekit.vision.cli import train_prune as _vision_train_prune  # noqa: E402
 
 app.command("train-prune")(_vision_train_prune)
+from prunekit.vision.compare import compare as _vision_compare  # noqa: E402
+
+app.command("compare")(_vision_compare)
 
 
 def _one_line(text: str) -> str:

@@ -26,6 +26,7 @@ from torch import nn
 from prunekit.core.masks import prunable
 from prunekit.core.registry import Registry
 from prunekit.errors import PruneError
+from prunekit.vision.lrp import LrpOptions
 
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
@@ -99,6 +100,8 @@ class ScoreImportance:
                 continue
             plain = _plain(idxs)
             root = _plain(idxs, root=True)
+            if int(root.max()) >= n and len(root) % n == 0:  # a flatten spread each channel over len/n columns
+                root = root // (len(root) // n)
             out = dg.is_out_channel_pruning_fn(dep.handler)
             depthwise = isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and mod.groups == mod.in_channels
             if isinstance(mod, nn.modules.conv._ConvTransposeNd):
@@ -113,18 +116,19 @@ class ScoreImportance:
 
 
 def _score_importance(criterion: str):
-    def build(model, example, batches, input_shape):
+    def build(model, example, batches, input_shape, **options):
         from prunekit.vision.criteria import score
 
         names = list(prunable(model))
-        s = score(model, criterion, names, batches=batches, input_shape=input_shape or tuple(example.shape[1:]))
+        s = score(model, criterion, names, batches=batches, input_shape=input_shape or tuple(example.shape[1:]),
+                  options=options)
         mods = dict(model.named_modules())
         return ScoreImportance({mods[k.rsplit(".", 1)[0]]: v for k, v in s.items()})
 
     return build
 
 
-# every channel criterion: fn(model, example, batches, input_shape) -> a Torch-Pruning importance
+# every channel criterion: fn(model, example, batches, input_shape, **its options) -> a Torch-Pruning importance
 CHANNEL_CRITERIA = Registry("channel criterion")
 CHANNEL_CRITERIA.register("magnitude", lambda *a: _tp().importance.GroupMagnitudeImportance(p=2), description="group L2 norm")
 CHANNEL_CRITERIA.register("l1", lambda *a: _tp().importance.GroupMagnitudeImportance(p=1), description="group L1 norm")
@@ -134,9 +138,14 @@ CHANNEL_CRITERIA.register("random", lambda *a: _tp().importance.RandomImportance
 CHANNEL_CRITERIA.register("bn-scale", lambda *a: _tp().importance.BNScaleImportance(), description="|BatchNorm gamma|")
 for _c in ("snip", "synflow", "grasp"):
     CHANNEL_CRITERIA.register(_c, _score_importance(_c), description=f"weight {_c} scores summed over the group")
+CHANNEL_CRITERIA.register("lrp", _score_importance("lrp"), params=LrpOptions,
+                          description="absolute LRP relevance of the group's weights on reference samples (Yeom et al. "
+                                      "2021; options rule epsilon|alpha-beta, alpha, epsilon)")
 
 
-def _importance(criterion: str, model: nn.Module, example: torch.Tensor, batches, input_shape):
+def _importance(criterion: str, model: nn.Module, example: torch.Tensor, batches, input_shape, options=None):
+    if options:  # the criterion's own options (its params, e.g. lrp's rule)
+        return CHANNEL_CRITERIA.get(criterion).impl(model, example, batches, input_shape, **options)
     return CHANNEL_CRITERIA.get(criterion).impl(model, example, batches, input_shape)
 
 
@@ -173,7 +182,8 @@ def prune_channels(model: nn.Module, example: torch.Tensor, ratio: float = 0.3, 
                    ratio_dict: dict[str, float] | None = None, global_pruning: bool = False,
                    ignore: Sequence[str] = (), round_to: int | None = None, batches=None,
                    input_shape: Sequence[int] | None = None, verify: bool = True, atol: float = 1e-4,
-                   max_ratio: float = 0.9) -> dict:
+                   max_ratio: float = 0.9, remove: dict[str, Sequence[int]] | None = None,
+                   options: dict | None = None) -> dict:
     """Remove a fraction ``ratio`` of the channels of every coupled group (in place) and return a report.
 
     ``ratio_dict``: per-module ratios (module name -> ratio) overriding ``ratio`` for groups rooted there.
@@ -181,13 +191,16 @@ def prune_channels(model: nn.Module, example: torch.Tensor, ratio: float = 0.3, 
     more than ``max_ratio`` of its channels).
     ``ignore``: module names whose channels stay (the classifier is always kept). ``verify``: check on
     ``example`` that the shrunk model equals the unpruned model with the removed channels zeroed.
+    ``remove``: exactly these output channels instead of a criterion and ratio (module name -> indices in the
+    unpruned model, e.g. the BatchNorm channels a learned method switched off; see :func:`explicit_groups`).
+    ``options``: the criterion's own options (keyword arguments of its params, e.g. ``{"rule": "epsilon"}`` for lrp).
     """
     tp = _tp()
     for what, r in [("channel pruning ratio", ratio), *[(f"channel ratio of {k}", v) for k, v in (ratio_dict or {}).items()]]:
         if not (0.0 <= float(r) < 1.0):
             raise PruneError(f"The {what} must be in [0, 1) so every layer keeps at least 1 channel; got {r}.")
     mods = dict(model.named_modules())
-    bad = [n for n in list(ignore) + list(ratio_dict or {}) if n not in mods]
+    bad = [n for n in list(ignore) + list(ratio_dict or {}) + list(remove or {}) if n not in mods]
     if bad:
         raise PruneError(f"No module named {bad[0]!r} in the model; use names from model.named_modules().")
     was = model.training
@@ -200,27 +213,31 @@ def prune_channels(model: nn.Module, example: torch.Tensor, ratio: float = 0.3, 
     n_before = sum(p.numel() for p in model.parameters())
     reference = copy.deepcopy(model) if verify else None
 
-    imp = _importance(criterion, model, example, batches, input_shape)
-    if criterion == "taylor":
-        if not batches:
-            raise PruneError("Channel criterion 'taylor' needs training batches.")
-        import torch.nn.functional as F
-        model.zero_grad(set_to_none=True)
-        for x, y in batches:
-            F.cross_entropy(model(x), y).backward()
-    pruner = tp.pruner.BasePruner(
-        model, example, importance=imp, pruning_ratio=float(ratio), global_pruning=global_pruning,
-        pruning_ratio_dict={mods[k]: float(v) for k, v in (ratio_dict or {}).items()} or None,
-        ignored_layers=ignored, round_to=round_to, max_pruning_ratio=max_ratio)
+    if remove is not None:
+        groups = explicit_groups(model, example, remove, ignored)
+    else:
+        imp = _importance(criterion, model, example, batches, input_shape, options)
+        if criterion == "taylor":
+            if not batches:
+                raise PruneError("Channel criterion 'taylor' needs training batches.")
+            import torch.nn.functional as F
+            model.zero_grad(set_to_none=True)
+            for x, y in batches:
+                F.cross_entropy(model(x), y).backward()
+        pruner = tp.pruner.BasePruner(
+            model, example, importance=imp, pruning_ratio=float(ratio), global_pruning=global_pruning,
+            pruning_ratio_dict={mods[k]: float(v) for k, v in (ratio_dict or {}).items()} or None,
+            ignored_layers=ignored, round_to=round_to, max_pruning_ratio=max_ratio)
+        groups = pruner.step(interactive=True)
     removed = 0
-    for group in pruner.step(interactive=True):
+    for group in groups:
         if reference is not None:
             zero_channels(reference, group, names)
         removed += 1
         group.prune()
     model.zero_grad(set_to_none=True)
     after = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    report = {"criterion": criterion, "ratio": ratio, "groups_pruned": removed,
+    report = {"criterion": criterion if remove is None else "explicit", "ratio": ratio, "groups_pruned": removed,
               "params_before": n_before, "params_after": sum(p.numel() for p in model.parameters()),
               "changed": {n: [list(before[n]), list(after[n])] for n in after if before.get(n) != after[n]}}
     if reference is not None:
@@ -233,6 +250,99 @@ def prune_channels(model: nn.Module, example: torch.Tensor, ratio: float = 0.3, 
                              "same channels: the graph mis-handles an op in this model; --exclude the module around it.")
     model.train(was)
     return report
+
+
+def _out_groups(model: nn.Module, example: torch.Tensor, names: Sequence[str]):
+    """The dependency graph and, for each named module, its whole output-channel group on it (or None: the graph
+    cannot remove its output channels)."""
+    tp = _tp()
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    mods = dict(model.named_modules())
+    out = {}
+    for n in names:
+        mod = mods[n]
+        pruner = dg.get_pruner_of_module(mod) if mod in dg.module2node else None
+        size = pruner.get_out_channels(mod) if pruner is not None else None
+        out[n] = None if size is None else dg.get_pruning_group(mod, pruner.prune_out_channels, list(range(size)))
+    return dg, out
+
+
+def coupled_outputs(model: nn.Module, example: torch.Tensor, names: Sequence[str]) -> dict[str, list[str]]:
+    """For each named module, the names of every module whose output channels go with its own on the dependency
+    graph (the conv before a BatchNorm, residual partners ...; itself included); [] if the graph cannot remove
+    its output channels."""
+    was = model.training
+    model.eval()
+    dg, groups = _out_groups(model, example, names)
+    model.train(was)
+    mnames = {m: n for n, m in model.named_modules()}
+    return {n: [] if g is None else list(dict.fromkeys(
+        mnames[it.dep.target.module] for it in g
+        if dg.is_out_channel_pruning_fn(it.dep.handler) and it.dep.target.module in mnames)) for n, g in groups.items()}
+
+
+def explicit_groups(model: nn.Module, example: torch.Tensor, remove: dict[str, Sequence[int]],
+                    ignored: Sequence[nn.Module] = ()):
+    """Torch-Pruning groups that remove exactly the listed output channels (module name -> channel indices of the
+    unpruned model), everything checked before the first group is handed out. Modules whose output channels are
+    coupled (a conv and its BatchNorm, residual partners) form one group: a coupled channel goes only when every
+    listed member of the group lists it. Refused: an index out of range, a module the graph cannot shrink, every
+    channel of a group, a channel that is also an output channel of ``ignored`` (the classifier), or listed
+    modules coupled through a concatenation. The groups are built one at a time, after the previous one was
+    pruned (iterate and call ``group.prune()``)."""
+    dg, groups = _out_groups(model, example, list(remove))
+    mnames = {m: n for n, m in model.named_modules()}
+    ignored_ids = {id(m) for m in ignored}
+    plan, done = [], set()
+    for n, idxs in remove.items():
+        group = groups[n]
+        if group is None:
+            raise PruneError(f"Module {n!r} has no output channels the dependency graph can remove.")
+        size = len(group[0].idxs)
+        try:
+            listed = {int(i) for i in idxs}
+        except (TypeError, ValueError):
+            raise PruneError(f"The channels to remove from {n!r} must be integer indices.") from None
+        wrong = sorted(i for i in listed if not 0 <= i < size)
+        if wrong:
+            raise PruneError(f"Channel {wrong[0]} of {n!r} does not exist; it has {size} output channels.")
+        if n in done:
+            continue
+        votes = set(range(size))  # root channels that every listed member of the group agrees to remove
+        members = []
+        for it in group:
+            target = it.dep.target.module
+            tname = mnames.get(target) if isinstance(target, nn.Module) else None
+            if not dg.is_out_channel_pruning_fn(it.dep.handler) or tname is None or tname not in remove:
+                continue
+            pairs = list(zip(_plain(it.idxs).tolist(), _plain(it.root_idxs).tolist()))
+            if len(pairs) != size or len(groups[tname][0].idxs) != size:
+                raise PruneError(f"Modules {n!r} and {tname!r} are coupled through a concatenation; remove their "
+                                 "channels by a ratio (prune_channels without remove=).")
+            mine = {int(i) for i in remove[tname]}
+            votes &= {r for i, r in pairs if i in mine}
+            members.append(tname)
+        done.update(members)
+        if not votes:
+            continue
+        if len(votes) >= size:
+            raise PruneError(f"Removing every output channel of {n!r} would disconnect the network; keep at least 1.")
+        for it in group:
+            target = it.dep.target.module
+            if dg.is_out_channel_pruning_fn(it.dep.handler) and id(target) in ignored_ids and \
+                    votes & set(_plain(it.root_idxs).tolist()):
+                raise PruneError(f"Removing channels of {n!r} would also remove output channels of "
+                                 f"{mnames.get(target, type(target).__name__)!r}, which stay (the model's output or "
+                                 "an excluded module).")
+        plan.append((n, sorted(votes)))
+
+    def build():
+        mods = dict(model.named_modules())
+        for n, roots in plan:
+            mod = mods[n]
+            yield dg.get_pruning_group(mod, dg.get_pruner_of_module(mod).prune_out_channels, roots)
+
+    return build()
 
 
 def precrop_ratios(model: nn.Module, densities: dict[str, float]) -> dict[str, float]:

@@ -42,7 +42,12 @@ def _learned_help() -> str:
     from prunekit.vision.learn import LEARNED
 
     names = LEARNED.names()
-    return " | ".join(names) if names else "(none yet)"
+
+    def keys(name: str) -> str:  # each learner's --option keys, from its params
+        params = LEARNED.get(name).params
+        return f" (--option {', '.join(params.model_fields)})" if params is not None and params.model_fields else ""
+
+    return " | ".join(n + keys(n) for n in names) if names else "(none yet)"
 
 
 def parse_options(items: list[str] | None) -> dict:
@@ -65,14 +70,14 @@ def train_prune(
     model: Annotated[Optional[str], typer.Argument(help="cnn | resnet | vit | concat | efficientnet-lite0")] = None,
     out: Annotated[Optional[Path], out_option("run directory (must not exist unless --overwrite)")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="fashion-mnist | synthetic")] = None,
-    criterion: Annotated[Optional[str], typer.Option(help="weights: magnitude | random | snip | grasp | synflow | taylor; channels: also l1, lamp, bn-scale")] = None,
+    criterion: Annotated[Optional[str], typer.Option(help="weights: magnitude | random | snip | grasp | synflow | taylor | lrp (Pruning by Explaining: LRP relevance on the recipe's score_batches reference batches; its --option keys: rule epsilon|alpha-beta, alpha, epsilon); channels: also l1, lamp, bn-scale")] = None,
     method: Annotated[Optional[str], typer.Option(help="old spelling of --criterion (deprecated)", hidden=True)] = None,
     allocation: Annotated[Optional[str], typer.Option(help="uniform | global | owl | lamp | erk (global-min: old spelling of global with --min-density)")] = None,
     min_density: Annotated[Optional[float], typer.Option(help="global / lamp: least fraction of weights each layer keeps (Global MP)")] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="oneshot | gradual | lottery | at-init | scratch")] = None,
-    sparsity: Annotated[Optional[float], typer.Option(help="target: fraction of weights (or of channels with --structure channels), [0, 1)")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="oneshot | gradual | lottery | at-init | scratch | sap (sparsity-informed adaptive pruning by the PQ index; its --option keys: p, q, eta_r, gamma, beta, scope global|layer)")] = None,
+    sparsity: Annotated[Optional[float], typer.Option(help="target: fraction of weights (or of channels with --structure channels), [0, 1); sap: only a cap, its sparsity is adaptive")] = None,
     structure: Annotated[Optional[str], typer.Option(help="weights (masks) | channels (the model shrinks)")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="training epochs (per round for lottery)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="training epochs (per round for lottery and sap)")] = None,
     finetune_epochs: Annotated[Optional[int], typer.Option(help="epochs after pruning (oneshot) or added to training")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="images per step")] = None,
     lr: Annotated[Optional[float], typer.Option(help="SGD learning rate (cosine decay per phase)")] = None,
@@ -80,8 +85,8 @@ def train_prune(
     train_subset: Annotated[Optional[int], typer.Option(help="train on this many images (default all)")] = None,
     test_subset: Annotated[Optional[int], typer.Option(help="evaluate on this many test images (default all)")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="resize images (EfficientNet-Lite0: 64 by default)")] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="lottery: pruning rounds")] = None,
-    rewind_step: Annotated[Optional[int], typer.Option(help="lottery: iteration the survivors are rewound to")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="lottery / sap: pruning rounds")] = None,
+    rewind_step: Annotated[Optional[int], typer.Option(help="lottery / sap: iteration the survivors are rewound to")] = None,
     gradual_start: Annotated[Optional[float], typer.Option(help="gradual: fraction of steps where pruning starts")] = None,
     gradual_end: Annotated[Optional[float], typer.Option(help="gradual: fraction of steps where the target is reached")] = None,
     prune_every: Annotated[Optional[int], typer.Option(help="gradual: steps between mask updates")] = None,
@@ -134,15 +139,18 @@ def train_prune(
 
     torch.set_num_threads(max(1, threads))
     print(f"train-prune: {cfg.model} on {cfg.dataset}, {cfg.structure} {cfg.criterion}/{cfg.allocation}, "
-          f"schedule {cfg.schedule}, target {cfg.sparsity:.1%}", file=sys.stderr, flush=True)
+          f"schedule {cfg.schedule}, {'cap' if cfg.schedule == 'sap' else 'target'} {cfg.sparsity:.1%}", file=sys.stderr, flush=True)
     model_, masks, info = run(cfg, progress=progress)
     save_run(out, model_, cfg, masks, info, overwrite=overwrite)
     m = info["metrics"]
     if "dense_acc" in info:
         print(f"dense test accuracy {info['dense_acc']:.4f}")
+    for r in info.get("sap", {}).get("rounds", []):
+        print(f"sap round {r['round']}: PQ index {r['pq_global']:.4f} -> pruned {r['pruned']:,} of {r['alive']:,}, "
+              f"sparsity {r['sparsity']:.4f}, test accuracy {r['test_acc']:.4f}")
     if "acc_after_prune" in info:
         print(f"right after pruning  {info['acc_after_prune']:.4f}")
-    if cfg.structure == "channels":
+    if info.get("channels"):  # channel runs and learners that remove channels (polarization)
         ch = info["channels"]
         print(f"channels: parameters {ch['params_before']:,} -> {ch['params_after']:,}")
     j = info["journey"]

@@ -10,6 +10,8 @@
                  mode. Iterative: :func:`synflow_masks` re-scores ``iterations`` times while sparsity grows
                  exponentially to the target, masking between rounds.
 * ``taylor``     first-order Taylor (Molchanov et al., 2019): sum over batches of (g * w)^2 at trained weights.
+* ``lrp``        Pruning by Explaining (Yeom et al., 2021): the absolute LRP relevance of each weight summed over the
+                 reference samples (:mod:`prunekit.vision.lrp`; options rule, alpha, epsilon: :class:`LrpOptions`).
 
 Each function returns ``{parameter name: score tensor}`` for the names of :func:`prunable`; scores of weights
 already masked are set to -inf so they are never chosen back.
@@ -29,6 +31,7 @@ from prunekit.core.gradients import gradient_pass
 from prunekit.core.masks import Masks, prunable
 from prunekit.core.registry import Registry
 from prunekit.errors import PruneError
+from prunekit.vision.lrp import LrpOptions, lrp_scores
 
 # every criterion: fn(model, names, batches, masks, seed, input_shape) -> {name: score}
 CRITERIA = Registry("criterion")
@@ -181,6 +184,13 @@ CRITERIA.register("synflow", lambda m, n, b, masks, seed, shape: _synflow(m, n, 
                   description="data-free |w * dR/dw| of the all-positive model (iterative)")
 CRITERIA.register("taylor", lambda m, n, b, masks, seed, shape: taylor_scores(m, n, b, masks),
                   description="sum over batches of (g * w)^2 at trained weights")
+CRITERIA.register("lrp", lambda m, n, b, masks, seed, shape, **opts: _lrp(m, n, b, masks, opts), params=LrpOptions,
+                  description="absolute LRP relevance of each weight on reference samples (Yeom et al. 2021; "
+                              "options rule epsilon|alpha-beta, alpha, epsilon)")
+
+
+def _lrp(model, names, batches, masks, opts):
+    return _masked(lrp_scores(model, names, _need_batches(batches, "lrp"), masks, **opts), masks)
 
 
 def _synflow(model, names, masks, input_shape):
@@ -190,9 +200,12 @@ def _synflow(model, names, masks, input_shape):
 
 
 def score(model: nn.Module, criterion: str, names: Iterable[str] | None = None, batches=None,
-          masks: Masks | None = None, seed: int = 0, input_shape: Sequence[int] | None = None):
+          masks: Masks | None = None, seed: int = 0, input_shape: Sequence[int] | None = None,
+          options: dict | None = None):
     """Scores of one criterion (see the module docstring). ``synflow`` here is a single pass; use
     :func:`prunekit.vision.schedules.compute_masks` for the iterative procedure."""
     fn = CRITERIA.get(criterion).impl
     names = list(names) if names is not None else list(prunable(model))
+    if options:  # the criterion's own options (its params, e.g. lrp's rule)
+        return fn(model, names, batches, masks, seed, input_shape, **options)
     return fn(model, names, batches, masks, seed, input_shape)

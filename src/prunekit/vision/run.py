@@ -35,7 +35,7 @@ def save_run(out: str | Path, model: nn.Module, cfg, masks: Masks | None, info: 
             zeros = int((p == 0).sum())
             layers.append({"name": name, "shape": list(p.shape), "params": p.numel(), "zeros": zeros,
                            "sparsity": zeros / max(1, p.numel())})
-        extra = {k: info[k] for k in ("dense_acc", "acc_after_prune", "rounds", "gradual", "precrop_ratios", "learn")
+        extra = {k: info[k] for k in ("dense_acc", "acc_after_prune", "rounds", "gradual", "precrop_ratios", "learn", "sap")
                  if k in info}
         manifest = record("vision", cfg.model_dump(), metrics=info.get("metrics"),
                           timings={"train_prune_s": info["seconds"]} if "seconds" in info else None, layers=layers,

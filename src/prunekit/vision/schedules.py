@@ -11,6 +11,9 @@ Schedules (``SCHEDULES``):
 * ``at-init``   score at initialization (SNIP, GraSP, SynFlow, random/ERK...), then train with the fixed mask.
 * ``scratch``   the control of Liu et al. (2019), "Rethinking the value of network pruning": the sparse
                 structure found by pruning a trained model, re-initialized and trained from scratch.
+* ``sap``       sparsity-informed adaptive pruning (Diao et al., ICLR 2023): lottery's rounds, but each round
+                removes as many weights as the surviving weights' PQ index says they can lose
+                (:mod:`prunekit.vision.pq`); the final sparsity is adaptive (``sparsity`` only caps it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from prunekit.core.masks import Masks, check_sparsity, prunable
 from prunekit.core.registry import Registry
 from prunekit.errors import PruneError
 from prunekit.vision.criteria import CRITERIA, score
+from prunekit.vision.pq import SapOptions, sap_plan
 
 SCHEDULES = Registry("schedule")
 SCHEDULES.register_names((
@@ -34,6 +38,8 @@ SCHEDULES.register_names((
     ("at-init", "score at initialization, train with the fixed mask"),
     ("scratch", "a pruned model's mask on fresh weights (Liu et al. 2019)"),
 ))
+SCHEDULES.register("sap", "sap", params=SapOptions, description="sparsity-informed adaptive pruning: each round's "
+                   "amount from the PQ index (Diao et al. 2023); options p, q, eta_r, gamma, beta, scope")
 
 
 def cubic_sparsity(step: int, start: int, end: int, final: float, initial: float = 0.0, every: int = 1) -> float:
@@ -66,16 +72,19 @@ def lottery_sparsities(final: float, rounds: int) -> list[float]:
 
 def compute_masks(model: nn.Module, sparsity: float, criterion: str = "magnitude", allocation: str = "global",
                   min_density: float | None = None, batches=None, masks: Masks | None = None, seed: int = 0,
-                  input_shape: Sequence[int] | None = None, iterations: int = 100, exclude: Sequence[str] = ()) -> Masks:
+                  input_shape: Sequence[int] | None = None, iterations: int = 100, exclude: Sequence[str] = (),
+                  options: dict | None = None) -> Masks:
     """Masks at ``sparsity`` from ``criterion`` scores spread by ``allocation``.
 
     ``masks``: weights already pruned stay pruned (their scores are -inf). SynFlow runs its iterative procedure
-    (``iterations`` rounds, sparsity growing exponentially to the target, re-scored on the masked model)."""
+    (``iterations`` rounds, sparsity growing exponentially to the target, re-scored on the masked model).
+    ``options``: the criterion's own options (keyword arguments of its params, e.g. lrp's ``rule``)."""
     check_sparsity(sparsity)
     criterion = CRITERIA.canonical(criterion)
     names = list(masks) if masks is not None else list(prunable(model, exclude))
     if criterion != "synflow":
-        s = score(model, criterion, names, batches=batches, masks=masks, seed=seed, input_shape=input_shape)
+        s = score(model, criterion, names, batches=batches, masks=masks, seed=seed, input_shape=input_shape,
+                  options=options)
         return _allocate(s, sparsity, allocation, min_density, model, batches)
     if input_shape is None:
         raise PruneError("SynFlow needs the input shape (e.g. 1,28,28).")
@@ -264,3 +273,41 @@ class Lottery(Schedule):
         if (self.round_steps and step > 0 and step % self.round_steps == 0 and self.round < len(self.targets)):
             return self.next_round(model, step)
         return None
+
+
+class Sap(Lottery):
+    """SAP (Diao et al., ICLR 2023) as lottery-style rounds: at the end of each round the surviving weights' PQ index
+    (:func:`prunekit.vision.pq.sap_plan`; ``options``: :class:`~prunekit.vision.pq.SapOptions`) says how many to
+    remove, the lowest-scored ones go (``scores(model, masks) -> {name: scores}``, magnitude by default: the paper's
+    rule; scope global: one ranking over all layers, layer: each layer its own count) and the survivors are rewound
+    to the weights of step ``rewind_step``. ``cap``: the most sparsity may reach. ``targets[r]`` is the sparsity
+    round r reached (None before it runs); ``log`` one row per round (PQ index per layer, counts, sparsity)."""
+
+    def __init__(self, rounds: int, options: SapOptions | None = None, scores=None, cap: float | None = None,
+                 round_steps: int | None = None, rewind_step: int = 0, exclude: Sequence[str] = ()):
+        if rounds < 1:
+            raise PruneError(f"SAP needs at least 1 round; got {rounds}.")
+        super().__init__(None, targets=[None] * rounds, round_steps=round_steps, rewind_step=rewind_step)
+        self.options = options if options is not None else SapOptions()
+        self.cap = None if cap is None else check_sparsity(cap, "sparsity cap")
+        self.scores = scores or (lambda model, masks: score(model, "magnitude", list(masks), masks=masks))
+        self.exclude = tuple(exclude)
+
+    def next_round(self, model: nn.Module, step: int) -> Masks:
+        from prunekit.core.allocate import keep_counts
+
+        if self.rewinder.state is None:
+            raise PruneError(f"The rewind step {self.rewind_step} is beyond the dense training; lower rewind_step.")
+        cur = self.masks if self.masks is not None else Masks.dense(model, self.exclude)
+        keep, row = sap_plan(model, cur, self.options, self.cap)
+        s = self.scores(model, cur)
+        if "*" in keep:  # global scope: the round's total shared out by one ranking over all layers
+            keep = keep_counts(s, 1.0 - keep["*"] / cur.numel(), "global")
+        self.masks = Masks.from_scores(s, keep)
+        self.targets[self.round] = self.masks.sparsity()
+        self.round += 1
+        row.update(round=self.round, step=step, sparsity=self.masks.sparsity(),
+                   layer_sparsity={k: 1.0 - v for k, v in self.masks.layer_density().items()})
+        self.log.append(row)
+        self.rewinder.rewind(model, self.masks)
+        return self.masks

@@ -50,8 +50,9 @@ class TrainPruneConfig(Config):
     min_density: float | None = Field(None, description="global / lamp: least fraction of weights each layer keeps (Global MP's floor)")
     schedule: str = Field("oneshot", description=" | ".join(SCHEDULES))
     sparsity: float = Field(0.9, description="weights: fraction of prunable weights zeroed; channels: fraction of "
-                                              "each coupled channel group removed")
-    epochs: int = Field(2, description="training epochs (oneshot/lottery: per dense or per round; at-init/"
+                                              "each coupled channel group removed; sap: only a cap (its sparsity "
+                                              "is adaptive)")
+    epochs: int = Field(2, description="training epochs (oneshot/lottery/sap: per dense or per round; at-init/"
                                        "scratch/gradual: plus finetune_epochs)")
     finetune_epochs: int = 1
     batch_size: int = 128
@@ -62,13 +63,13 @@ class TrainPruneConfig(Config):
     train_subset: int | None = Field(None, description="first N shuffled training images (None: all 60k)")
     test_subset: int | None = Field(None, description="first N test images (None: all 10k)")
     image_size: int | None = Field(None, description="resize images (EfficientNet-Lite0 default 64, RGB)")
-    score_batches: int = Field(4, description="batches for SNIP / GraSP / Taylor scores")
+    score_batches: int = Field(4, description="batches for SNIP / GraSP / Taylor scores and LRP's reference samples")
     synflow_iterations: int = 100
     gradual_start: float = Field(0.1, description="gradual: fraction of all steps where pruning starts")
     gradual_end: float = Field(0.7, description="gradual: fraction of all steps where the target is reached")
     prune_every: int = Field(25, description="gradual: steps between mask updates")
-    rounds: int = Field(3, description="lottery: pruning rounds")
-    rewind_step: int = Field(50, description="lottery: iteration whose weights survivors are rewound to")
+    rounds: int = Field(3, description="lottery / sap: pruning rounds")
+    rewind_step: int = Field(50, description="lottery / sap: iteration whose weights survivors are rewound to")
     exclude: list[str] = Field(default_factory=list, description="fnmatch patterns of layers kept dense")
     bn_recalibrate: bool = Field(True, description="channels: re-estimate BatchNorm statistics on 20 training "
                                                    "batches after the last training phase")
@@ -118,7 +119,7 @@ class TrainPruneConfig(Config):
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         self.criterion = (CRITERIA if self.structure == "weights" else CHANNEL_CRITERIA).canonical(self.criterion)
-        if self.structure == "channels" and self.schedule in ("gradual", "lottery"):
+        if self.structure == "channels" and self.schedule in ("gradual", "lottery", "sap"):
             raise ValueError("channel pruning supports the schedules oneshot, at-init (PreCropping) and scratch")
         if self.gradual_end <= self.gradual_start:
             raise ValueError(f"the schedule ends ({self.gradual_end}) before it starts ({self.gradual_start}); "
@@ -149,8 +150,8 @@ class TrainPruneConfig(Config):
             raise ValueError(f"min_density must be in [0, 1], got {self.min_density}")
         if self.epochs < 0 or self.finetune_epochs < 0 or self.rewind_step < 0:
             raise ValueError("epochs, finetune_epochs and rewind_step must be >= 0")
-        if self.schedule == "lottery" and self.epochs < 1:
-            raise ValueError("the lottery schedule trains epochs >= 1 per round")
+        if self.schedule in ("lottery", "sap") and self.epochs < 1:
+            raise ValueError(f"the {self.schedule} schedule trains epochs >= 1 per round")
         if self.schedule in ("at-init", "scratch", "gradual") and self.epochs + self.finetune_epochs < 1:
             raise ValueError(f"the {self.schedule} schedule needs epochs + finetune_epochs >= 1")
         if self.learn is not None:
@@ -293,21 +294,32 @@ def _input_shape(data: dict) -> tuple[int, ...]:
 def prune_once(model: nn.Module, data: dict, cfg: TrainPruneConfig, sparsity: float,
                masks: Masks | None = None) -> Masks:
     """Masks at ``sparsity`` by the recipe's criterion + allocation (scores on ``score_batches`` batches)."""
-    needs = cfg.criterion in ("snip", "grasp", "taylor") or cfg.allocation == "rd"  # rd: output distortion on inputs
+    needs = cfg.criterion in ("snip", "grasp", "taylor", "lrp") or cfg.allocation == "rd"  # rd: output distortion on inputs
     batches = batches_of(data, cfg.score_batches, cfg.batch_size, cfg.seed) if needs else None
     return compute_masks(model, sparsity, cfg.criterion, cfg.allocation, cfg.min_density, batches=batches, masks=masks,
                          seed=cfg.seed, input_shape=_input_shape(data), iterations=cfg.synflow_iterations,
-                         exclude=cfg.exclude)
+                         exclude=cfg.exclude, options=_criterion_options(cfg, CRITERIA))
+
+
+def _criterion_options(cfg: TrainPruneConfig, registry) -> dict | None:
+    """The chosen criterion's own options (its params filled from the recipe's ``options``) as keyword arguments,
+    or None when it has none (or is not an entry of ``registry``)."""
+    if cfg.criterion not in registry:
+        return None
+    opts = cfg.options_for(registry, cfg.criterion)
+    return None if opts is None else opts.model_dump()
 
 
 def lottery(model: nn.Module, data: dict, cfg: TrainPruneConfig, targets: list[float], history: list | None = None,
             progress: bool = True, dense_trained: bool = False, rewinder: Rewinder | None = None,
-            on_round=None, journey: Journey | None = None) -> Masks:
+            on_round=None, journey: Journey | None = None, schedule: Lottery | None = None) -> Masks:
     """Iterative magnitude pruning with rewinding (:class:`~prunekit.vision.schedules.Lottery`): (train,) then for
     each target: prune the survivors by the recipe's criterion/allocation to ``target``, rewind them to the weights
     of iteration ``rewind_step``, train ``epochs``. ``on_round(target, model, masks)`` is called after each round's
-    training. ``journey`` counts every round's steps (:func:`train_epochs`)."""
-    sched = Lottery(lambda m, sp, k: prune_once(m, data, cfg, sp, k), targets=targets, rewind_step=cfg.rewind_step)
+    training. ``journey`` counts every round's steps (:func:`train_epochs`). ``schedule``: another round schedule
+    (:class:`~prunekit.vision.schedules.Sap`, whose ``targets[r]`` is what round r reached) instead of ``targets``."""
+    sched = schedule if schedule is not None else Lottery(lambda m, sp, k: prune_once(m, data, cfg, sp, k),
+                                                          targets=targets, rewind_step=cfg.rewind_step)
     if dense_trained:
         sched.rewinder = rewinder or Rewinder()
     else:
@@ -321,8 +333,9 @@ def lottery(model: nn.Module, data: dict, cfg: TrainPruneConfig, targets: list[f
         train_epochs(model, data, cfg.epochs, cfg, None, "dense", history, on_step=save_early, progress=progress,
                      seed=cfg.seed, journey=journey)
     masks = None
-    for r, target in enumerate(sched.targets):
+    for r in range(len(sched.targets)):
         masks = sched.next_round(model, sched.rewinder.step if sched.rewinder.step is not None else 0)
+        target = sched.targets[r]
         train_epochs(model, data, cfg.epochs, cfg, masks, f"round {r + 1} ({target:.1%})", history,
                      step0=sched.rewinder.step, progress=progress, seed=cfg.seed + r + 1, journey=journey)
         if on_round is not None:
@@ -371,7 +384,8 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
             info["dense_acc"] = evaluate(model, data["x_test"], data["y_test"])
             batches = batches_of(data, cfg.score_batches, cfg.batch_size, cfg.seed)
             info["channels"] = prune_channels(model, example, cfg.sparsity, cfg.criterion, ignore=ignore_dense, batches=batches,
-                                              global_pruning=cfg.allocation == "global")
+                                              global_pruning=cfg.allocation == "global",
+                                              options=_criterion_options(cfg, CHANNEL_CRITERIA))
             if cfg.schedule == "scratch":
                 reinitialize(model, cfg.seed + 1)
                 train_epochs(model, data, cfg.epochs + cfg.finetune_epochs, cfg, None, "scratch", hist,
@@ -435,6 +449,23 @@ def train_prune(cfg: TrainPruneConfig, progress: bool = True, model: nn.Module |
                         on_round=lambda t, m, k: rounds.append({"target": t, "sparsity": k.sparsity(),
                                                                 "test_acc": evaluate(m, data["x_test"], data["y_test"])}))
         info["rounds"] = rounds
+    elif cfg.schedule == "sap":  # lottery's rounds, each round's amount from the PQ index (prunekit.vision.pq)
+        from prunekit.vision.criteria import score
+        from prunekit.vision.pq import layer_pq
+        from prunekit.vision.schedules import Sap
+
+        opts = cfg.options_for(SCHEDULES, "sap")
+        batches = (batches_of(data, cfg.score_batches, cfg.batch_size, cfg.seed)
+                   if cfg.criterion in ("snip", "grasp", "taylor", "lrp") else None)
+        copts = _criterion_options(cfg, CRITERIA)
+        sched = Sap(cfg.rounds, opts, cap=cfg.sparsity, rewind_step=cfg.rewind_step, exclude=cfg.exclude,
+                    scores=lambda m, k: score(m, cfg.criterion, list(k), batches=batches, masks=k, seed=cfg.seed,
+                                              input_shape=_input_shape(data), options=copts))
+        accs: list = []
+        masks = lottery(model, data, cfg, [], hist, progress, journey=journey, schedule=sched,
+                        on_round=lambda t, m, k: accs.append(evaluate(m, data["x_test"], data["y_test"])))
+        info["sap"] = {**opts.model_dump(), "cap": cfg.sparsity, "final_pq": layer_pq(model, masks, opts.p, opts.q),
+                       "rounds": [{**row, "test_acc": a} for row, a in zip(sched.log, accs)]}
     info["seconds"] = time.perf_counter() - t0
     info["journey"] = journey.summary()
     acc = evaluate(model, data["x_test"], data["y_test"])

@@ -21,7 +21,7 @@ from typing import Any
 from prunekit.core.journey import Journey
 from prunekit.core.registry import Registry
 
-MODULES: tuple[str, ...] = ()  # the learner modules of this package (each registers its entries on import)
+MODULES: tuple[str, ...] = ("polarization",)  # the learner modules of this package (each registers its entries on import)
 
 
 def _load() -> None:
