@@ -138,13 +138,16 @@ def train_prune(
     from prunekit.vision.train import train_prune as run
 
     torch.set_num_threads(max(1, threads))
-    print(f"train-prune: {cfg.model} on {cfg.dataset}, {cfg.structure} {cfg.criterion}/{cfg.allocation}, "
-          f"schedule {cfg.schedule}, {'cap' if cfg.schedule == 'sap' else 'target'} {cfg.sparsity:.1%}", file=sys.stderr, flush=True)
+    how = (f"learned: {cfg.learn} (its options decide what goes)" if cfg.learn else
+           f"{cfg.structure} {cfg.criterion}/{cfg.allocation}, schedule {cfg.schedule}, "
+           f"{'cap' if cfg.schedule == 'sap' else 'target'} {cfg.sparsity:.1%}")
+    print(f"train-prune: {cfg.model} on {cfg.dataset}, {how}", file=sys.stderr, flush=True)
     model_, masks, info = run(cfg, progress=progress)
     save_run(out, model_, cfg, masks, info, overwrite=overwrite)
     m = info["metrics"]
     if "dense_acc" in info:
-        print(f"dense test accuracy {info['dense_acc']:.4f}")
+        before = f"{cfg.learn}-trained test accuracy (before removal)" if cfg.learn else "dense test accuracy"
+        print(f"{before} {info['dense_acc']:.4f}")
     for r in info.get("sap", {}).get("rounds", []):
         print(f"sap round {r['round']}: PQ index {r['pq_global']:.4f} -> pruned {r['pruned']:,} of {r['alive']:,}, "
               f"sparsity {r['sparsity']:.4f}, test accuracy {r['test_acc']:.4f}")
