@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_json, machine  # noqa: E402
+from common import load_json, machine, parts_md, plot_parts  # noqa: E402
 
 import prunekit  # noqa: E402
 from prunekit.batches import bos_id, calibration_batches, evaluation_windows, tokenize  # noqa: E402
@@ -85,46 +85,11 @@ class Ctx:
 
 
 def write_md(res: dict) -> str:
-    lines = ["# The rest of the LLM literature on SmolLM2-135M", "",
-             f"Machine: {res['machine']}. Command: `{res['command']}`.", ""]
-    for name in PARTS:
-        part = res.get("parts", {}).get(name)
-        if not part:
-            continue
-        lines += [f"## {name}", "", part.get("setup", ""), ""]
-        rows = part.get("rows", [])
-        if rows:
-            cols = list(dict.fromkeys(k for r in rows for k in r))
-            lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-            lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-            lines.append("")
-        for t in part.get("targets", []):
-            lines.append(f"- **{'met' if t['met'] else 'missed'}**: {t['target']} — {t['detail']}")
-        lines += ["", f"({part.get('seconds', 0):.0f} s)", ""]
-    return "\n".join(lines) + "\n"
+    return parts_md("The rest of the LLM literature on SmolLM2-135M", res, PARTS)
 
 
 def plot(res: dict, path: Path) -> None:
-    """One panel per part: each row's main quality figure (``ppl`` or the part's ``plot`` key)."""
-    from matplotlib.figure import Figure
-
-    parts = [p for p in PARTS if res.get("parts", {}).get(p, {}).get("rows")]
-    if not parts:
-        return
-    fig = Figure(figsize=(4.2 * len(parts), 3.6))
-    for i, name in enumerate(parts):
-        part = res["parts"][name]
-        key = part.get("plot", "ppl")
-        rows = [r for r in part["rows"] if isinstance(r.get(key), (int, float))]
-        ax = fig.add_subplot(1, len(parts), i + 1)
-        ax.bar(range(len(rows)), [r[key] for r in rows], color="tab:blue")
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([str(r.get("label", r.get("method", i))) for r in rows], rotation=60, ha="right",
-                           fontsize=7)
-        ax.set_title(name, fontsize=9)
-        ax.set_ylabel(key, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plot_parts(res, PARTS, path, "ppl")
 
 
 def main() -> None:
