@@ -66,3 +66,51 @@ def plot_parts(res: dict, parts, path, default_key: str) -> None:
         ax.set_ylabel(key, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def run_parts(stem: str, title: str, parts, make_ctx, plot_key: str, doc: str, add_args=None) -> None:
+    """The command line of a benchmark made of parts (``benchmarks/<stem>_parts/<name>.py``, each ``run(ctx) ->
+    dict``): ``--parts a,b`` (default all), ``--quick`` (a smoke run; nothing written). Each part's rows and
+    targets are printed; results go to ``benchmarks/results/<stem>.{json,md,png}``, a part run again replacing only
+    its own entry. ``make_ctx(args)`` builds the shared context; ``add_args(parser)`` adds a script's own flags. An
+    unknown part is one sentence and exit code 2."""
+    import argparse
+    import importlib
+    import sys
+    import time
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--parts", default=",".join(parts))
+    ap.add_argument("--quick", action="store_true", help="a smoke run (tiny settings); results not written")
+    if add_args is not None:
+        add_args(ap)
+    args = ap.parse_args()
+    names = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in names if p not in parts]
+    if unknown:
+        print(f"error: unknown part {unknown[0]!r}; choose from {', '.join(parts)}.", file=sys.stderr)
+        sys.exit(2)
+    torch.manual_seed(0)
+    ctx = make_ctx(args)
+    results = Path(__file__).resolve().parent / "results"
+    res = {} if args.quick else load_json(results / f"{stem}.json")
+    res.update({"machine": machine(), "command": f"python benchmarks/{stem}.py " + " ".join(sys.argv[1:])})
+    res.setdefault("parts", {})
+    for name in names:
+        mod = importlib.import_module(f"{stem}_parts.{name}")
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        part = mod.run(ctx)
+        part["seconds"] = round(time.perf_counter() - t0, 1)
+        res["parts"][name] = part
+        for r in part.get("rows", []):
+            print("  ", json.dumps(r, default=str), flush=True)
+        for t in part.get("targets", []):
+            print(f"   {'MET' if t['met'] else 'MISSED'}: {t['target']} — {t['detail']}", flush=True)
+        if not args.quick:
+            results.mkdir(exist_ok=True)
+            tmp = results / f".{stem}.json.tmp"
+            tmp.write_text(json.dumps(res, indent=1, default=str))
+            tmp.replace(results / f"{stem}.json")
+            (results / f"{stem}.md").write_text(parts_md(title, res, parts))
+            plot_parts(res, parts, results / f"{stem}.png", plot_key)

@@ -14,24 +14,19 @@ Writes benchmarks/results/llm_methods.{json,md,png}; a part run again replaces o
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_json, machine, parts_md, plot_parts  # noqa: E402
+from common import run_parts  # noqa: E402
 
 import prunekit  # noqa: E402
 from prunekit.batches import bos_id, calibration_batches, evaluation_windows, tokenize  # noqa: E402
 from prunekit.evaluate import perplexity  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("d_pruner", "paser", "cfsp", "adapt_pruner", "loraprune", "compresso", "rd")
 
 
@@ -84,44 +79,9 @@ class Ctx:
         return min(n, 4) if self.quick else n
 
 
-def write_md(res: dict) -> str:
-    return parts_md("The rest of the LLM literature on SmolLM2-135M", res, PARTS)
-
-
-def plot(res: dict, path: Path) -> None:
-    plot_parts(res, PARTS, path, "ppl")
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", default=",".join(PARTS))
-    ap.add_argument("--quick", action="store_true", help="a smoke run (few windows and steps); results not written")
-    args = ap.parse_args()
-    names = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = [p for p in names if p not in PARTS]
-    if unknown:
-        sys.exit(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
-    torch.manual_seed(0)
-    ctx = Ctx(quick=args.quick)
-    res = {} if args.quick else load_json(RESULTS / "llm_methods.json")
-    res.update({"machine": machine(), "command": "python benchmarks/llm_methods.py " + " ".join(sys.argv[1:])})
-    res.setdefault("parts", {})
-    for name in names:
-        mod = importlib.import_module(f"llm_methods_parts.{name}")
-        print(f"== {name}", flush=True)
-        t0 = time.perf_counter()
-        part = mod.run(ctx)
-        part["seconds"] = round(time.perf_counter() - t0, 1)
-        res["parts"][name] = part
-        for r in part.get("rows", []):
-            print("  ", json.dumps(r), flush=True)
-        for t in part.get("targets", []):
-            print(f"   {'MET' if t['met'] else 'MISSED'}: {t['target']} — {t['detail']}", flush=True)
-        if not args.quick:
-            RESULTS.mkdir(exist_ok=True)
-            (RESULTS / "llm_methods.json").write_text(json.dumps(res, indent=1))
-            (RESULTS / "llm_methods.md").write_text(write_md(res))
-            plot(res, RESULTS / "llm_methods.png")
+    run_parts("llm_methods", "The rest of the LLM literature on SmolLM2-135M", PARTS, lambda args: Ctx(quick=args.quick),
+              "ppl", __doc__)
 
 
 if __name__ == "__main__":

@@ -14,25 +14,20 @@ benchmarks/results/vision_methods.{json,md,png}; a part run again replaces only 
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_json, machine, parts_md, plot_parts  # noqa: E402
+from common import run_parts  # noqa: E402
 
 from prunekit.vision.train import evaluate, load_data, make_config, train_epochs, train_prune  # noqa: E402,F401
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "prunekit" / "benchmarks"
-PARTS = ("lrp", "sap", "polarization", "udfc", "analysis")
+PARTS = ("lrp", "sap", "polarization", "trp", "lapp", "gating", "tas", "rps", "udfc", "fedtiny", "analysis")
 
 
 @dataclass
@@ -105,46 +100,17 @@ class Ctx:
         return model.eval(), data
 
 
-def write_md(res: dict) -> str:
-    return parts_md("The rest of training-time and CNN pruning", res, PARTS)
+def _threads(ap) -> None:
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the CNNs are small)")
 
 
-def plot(res: dict, path: Path) -> None:
-    plot_parts(res, PARTS, path, "acc")
+def _ctx(args) -> Ctx:
+    torch.set_num_threads(args.threads)
+    return Ctx(quick=args.quick)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", default=",".join(PARTS))
-    ap.add_argument("--quick", action="store_true", help="a smoke run (tiny subsets, 1 seed); results not written")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    names = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = [p for p in names if p not in PARTS]
-    if unknown:
-        sys.exit(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    ctx = Ctx(quick=args.quick)
-    res = {} if args.quick else load_json(RESULTS / "vision_methods.json")
-    res.update({"machine": machine(), "command": "python benchmarks/vision_methods.py " + " ".join(sys.argv[1:])})
-    res.setdefault("parts", {})
-    for name in names:
-        mod = importlib.import_module(f"vision_methods_parts.{name}")
-        print(f"== {name}", flush=True)
-        t0 = time.perf_counter()
-        part = mod.run(ctx)
-        part["seconds"] = round(time.perf_counter() - t0, 1)
-        res["parts"][name] = part
-        for r in part.get("rows", []):
-            print("  ", json.dumps(r, default=str), flush=True)
-        for t in part.get("targets", []):
-            print(f"   {'MET' if t['met'] else 'MISSED'}: {t['target']} — {t['detail']}", flush=True)
-        if not args.quick:
-            RESULTS.mkdir(exist_ok=True)
-            (RESULTS / "vision_methods.json").write_text(json.dumps(res, indent=1, default=str))
-            (RESULTS / "vision_methods.md").write_text(write_md(res))
-            plot(res, RESULTS / "vision_methods.png")
+    run_parts("vision_methods", "The rest of training-time and CNN pruning", PARTS, _ctx, "acc", __doc__, _threads)
 
 
 if __name__ == "__main__":

@@ -9,23 +9,27 @@ epochs to ``ctx.history`` and puts what it found in ``ctx.info`` (e.g. ``ctx.inf
 Its own options are a :class:`~prunekit.core.config.Config` registered as the entry's ``params``; the recipe gives
 them in ``options`` (CLI ``--option KEY=VALUE``) and the learner reads them with ``ctx.options``.
 
-Each learner lives in its own module of this package, imported by the registry's loader below.
+Each learner lives in its own module of this package; the registry's loader below imports every module of the
+package (a new learner is one new file, nothing else to edit).
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any
 
 from prunekit.core.journey import Journey
 from prunekit.core.registry import Registry
 
-MODULES: tuple[str, ...] = ("polarization",)  # the learner modules of this package (each registers its entries on import)
+def modules() -> list[str]:
+    """The learner modules of this package (each registers its entries on import), in name order."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
 def _load() -> None:
-    for name in MODULES:
+    for name in modules():
         importlib.import_module(f"{__name__}.{name}")
 
 
