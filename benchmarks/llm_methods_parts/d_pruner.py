@@ -8,7 +8,7 @@ import torch
 import prunekit
 
 SPARSITY = 0.5
-LAM = 0.5  # fixed before any run: the regulariser weighted like the general loss's own second-order cost
+LAM = 1.0  # the default, fixed before any run: domain Taylor and general saliency, each mean 1 per layer, weighed alike
 
 
 def run(ctx) -> dict:
@@ -44,8 +44,9 @@ def run(ctx) -> dict:
                         "detail": f"domain ppl {d['ppl_domain']} vs Wanda {w['ppl_domain']}; other domain "
                                   f"{d['ppl_general']} vs {w['ppl_general']} (dense {dense['domain']} / {dense['general']})"})
     setup = (f"SmolLM2-135M, {SPARSITY:.0%} unstructured, uniform allocation. Calibration: 32 windows x {ctx.seqlen} "
-             "tokens of the domain's calibration split (mixture: 16 domain + 16 general). D-Pruner: domain = the "
-             f"calibration windows, general Fisher from 32 windows of the other text, lambda {LAM} (fixed a priori; "
-             "lambda 0 = the domain's gradient-only Taylor importance). Perplexity on 16 held-out windows of each "
+             "tokens of the domain's calibration split (mixture: 16 domain + 16 general). D-Pruner: domain Taylor "
+             "importance from the calibration windows' gradients, general importance = SparseGPT's OBS saliency from "
+             f"32 windows of the other text, lambda {LAM} (the default, fixed a priori; lambda 0 = the domain's "
+             "gradient-only Taylor importance). Perplexity on 16 held-out windows of each "
              "text's evaluation split.")
     return {"setup": setup, "rows": rows, "targets": targets, "plot": "ppl_domain"}

@@ -1,28 +1,29 @@
 """D-Pruner (Zhang et al., "Pruning as a Domain-specific LLM Extractor", NAACL Findings 2024): unstructured pruning
 that keeps what the *domain* needs without losing what the model knows in *general*.
 
-The dual loss of the paper is the domain's language-model loss plus a regulariser that holds the weights near the
-dense ones where the general text needs them:
+Two removal costs, as in the paper and its code:
 
-    L_dual(W') = L_domain(W') + lambda * sum_m G_m (W'_m - W_m)^2,    G_m = E_general[(dL/dW_m)^2]
+* **general importance** G: the error that removing a weight makes in its layer's output on *general* text, the
+  OBS saliency of SparseGPT (which the paper's code computes): ``G_ij = W_ij^2 / [H^-1]_jj`` with ``H = X X^T / n``
+  (plus 1% of its mean diagonal as dampening) from the general windows' inputs to the layer, on the dense model;
+* **domain importance** T: what removing a weight costs the domain's language-model loss, to second order with
+  the empirical Fisher as the Hessian diagonal: ``T_ij = | -g_ij W_ij + 1/2 F_ij W_ij^2 |`` (g, F: mean gradient
+  and mean squared gradient over the domain windows, one backward per window).
 
-(G: the empirical Fisher diagonal of the general text's loss, estimated on general calibration windows). A
-weight's importance is what removing it (W'_m = 0) costs the dual loss, to second order with the domain's own
-empirical Fisher F_m as the Hessian diagonal:
+The paper folds G into the domain training loss as a regulariser ``lambda * sum G (W' - W)^2`` and accumulates T
+while fine-tuning with it (LOMO), with hand-set scale factors. Here (one shot, like the other methods) both costs
+are normalised to mean 1 within their layer, so ``lam`` weighs them on one scale:
 
-    S_m = | -g_m W_m + 1/2 F_m W_m^2 |  +  lambda * G_m W_m^2
+    S = T / mean(T) + lam * G / mean(G)
 
-with g the mean domain gradient. With lambda = 0 it is the gradient-only (Taylor / Fisher) importance of the
-domain alone; as lambda grows the general Fisher term decides. lambda = 1/2 weighs the regulariser like the
-general loss's own second-order removal cost (1/2 G W^2). The paper accumulates its scores while fine-tuning
-with the dual loss (LOMO); here the scores come from one gradient pass per text on the dense model (the
-one-shot setting of the other methods), and each output row keeps its highest scores (``group: row``, the
-default: a smoke run on SmolLM2 at 50% gave pydoc perplexity ~600 with layer-wide competition against Wanda's 36)
-or the whole layer (``group: layer``).
+``lam = 0`` is the domain's gradient-only importance; a very large ``lam`` ranks like SparseGPT's saliency on the
+general text (within a row: Wanda's ranking with the full Hessian); ``lam = 1`` (default) counts both alike. A smoke
+run with the Fisher of general *gradients* as G (the first version) gave pydoc perplexity ~500 at 50%: one-shot
+gradient scores alone do not carry a 135M model through 50%; the activation term does. Each output row keeps its
+highest scores (``group: row``, default) or the whole layer competes (``group: layer``).
 
 Domain windows are the recipe's calibration windows; the general windows come from ``general_text`` (default:
-the other bundled text), drawn by :func:`prunekit.api.prune` with the tokenizer, or passed as
-``general_batches``. Gradients are per window (one backward each: the Fisher needs per-sample squares).
+the other bundled text), drawn by :func:`prunekit.api.prune` with the tokenizer, or passed as ``general_batches``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from prunekit.core.masks import layer_keep_mask, zero_removed_
 from prunekit.errors import PruneError
 from prunekit.linear import weight_matrix
 from prunekit.methods.base import METHODS, Method
+from prunekit.methods.sparsegpt import inverse_hessian_cholesky
+from prunekit.stats import Hessian
 
 
 def gradient_moments(model, batches: torch.Tensor, targets, desc: str, progress: bool = False):
@@ -63,24 +66,68 @@ def gradient_moments(model, batches: torch.Tensor, targets, desc: str, progress:
     return {n: v.div_(k) for n, v in mean.items()}, {n: v.div_(k) for n, v in sq.items()}
 
 
+def general_saliency(model, batches: torch.Tensor, targets, dampening: float = 0.01, progress: bool = False):
+    """Per target layer, SparseGPT's OBS saliency ``W^2 / [H^-1]_jj`` of the dense weights, ``H = X X^T / n`` from
+    the layer's inputs over ``batches`` (one forward per window), in the ``[out, in]`` layout."""
+    from prunekit.core.progress import bar
+
+    hess: dict[str, Hessian] = {}
+    handles = []
+    for name, m in targets:
+        hess[name] = Hessian(weight_matrix(m).shape[1])
+
+        def hook(_mod, inp, name=name):
+            hess[name].add(inp[0].detach())
+
+        handles.append(m.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for row in bar(batches, desc="d-pruner general activations", unit="window", enabled=progress):
+                model(input_ids=row.unsqueeze(0), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out = {}
+    for name, m in targets:
+        h = hess.pop(name)
+        H = h.value / max(h.tokens, 1)
+        dead = H.diagonal() == 0
+        H[dead, dead] = 1.0
+        upper, _ = inverse_hessian_cholesky(H, dampening)  # H^-1 = U^T U: its diagonal is U's column norms squared
+        hinv_diag = upper.pow(2).sum(0)
+        w = weight_matrix(m).detach().float()
+        out[name] = w.pow(2) / hinv_diag.unsqueeze(0)
+    return out
+
+
+def _unit_mean(s: torch.Tensor) -> torch.Tensor:
+    mean = s.mean()
+    return s / mean if mean > 0 else s
+
+
 class DPrunerOptions(Config):
     what = "d-pruner option"
-    lam: float = Field(0.5, ge=0.0, description="weight of the general-knowledge regulariser (0: the domain's "
-                       "gradient-only importance; 0.5: the general loss's own second-order cost)")
+    lam: float = Field(1.0, ge=0.0, description="weight of the general importance (SparseGPT's saliency on the general "
+                       "text) against the domain's Taylor importance, each normalised to mean 1 per layer (0: the "
+                       "domain's gradient-only importance)")
     general_text: str | None = Field(None, description="the general text (shakespeare | pydoc | PATH.txt; default: "
                                      "the bundled text that is not the calibration text)")
-    general_samples: int = Field(32, gt=0, description="general windows (of the calibration seqlen) for the Fisher")
+    general_samples: int = Field(32, gt=0, description="general windows (of the calibration seqlen) for the general "
+                                 "importance")
     group: Literal["layer", "row"] = Field("row", description="where the scores compete: each output row (Wanda's "
                                            "finding for LLMs; default) or the whole layer")
 
 
 @METHODS.register("d-pruner", params=DPrunerOptions,
-                  description="domain Taylor importance + lambda x general Fisher x W^2 (dual loss)")
+                  description="domain Taylor importance + lambda x general OBS saliency (dual loss)")
 class DPruner(Method):
     name = "d-pruner"
     statistic = None  # the scores come from gradients (prepare), not from activation statistics
 
-    def __init__(self, lam: float = 0.5, general_text: str | None = None, general_samples: int = 32,
+    def __init__(self, lam: float = 1.0, general_text: str | None = None, general_samples: int = 32,
                  group: str = "row"):
         self.lam, self.group = lam, group
         self.general_batches: torch.Tensor | None = None  # set by prunekit.api.prune before prepare
@@ -93,19 +140,15 @@ class DPruner(Method):
             raise PruneError("D-Pruner needs windows of its general text: call prunekit.prune with tokenizer= (they "
                              "are drawn from options.general_text) or general_batches=, or set options.lam to 0.")
         g, f = gradient_moments(model, batches, targets, "d-pruner domain gradients", progress)
-        fisher_general = {}
-        if self.lam > 0:
-            _, fisher_general = gradient_moments(model, self.general_batches, targets, "d-pruner general gradients",
-                                                 progress)
+        general = general_saliency(model, self.general_batches, targets, progress=progress) if self.lam > 0 else {}
         self.scores_ = {}
         for name, m in targets:
             w = weight_matrix(m).detach().float()
-            s = (-g[name] * w + 0.5 * f[name] * w.pow(2)).abs()
+            s = (-g.pop(name) * w + 0.5 * f.pop(name) * w.pow(2)).abs()
             if self.lam > 0:
-                s = s + self.lam * fisher_general[name] * w.pow(2)
+                s = _unit_mean(s) + self.lam * _unit_mean(general.pop(name))
             check_finite_tensor(s, f"The D-Pruner importance of {name}")
             self.scores_[name] = s
-        del g, f, fisher_general
 
     def importance(self, weight, sqnorm, name):
         return self.scores_[name].to(weight.dtype)
