@@ -102,6 +102,7 @@ def run_parts(stem: str, title: str, parts, make_ctx, plot_key: str, doc: str, a
         t0 = time.perf_counter()
         part = mod.run(ctx)
         part["seconds"] = round(time.perf_counter() - t0, 1)
+        part["command"] = f"python benchmarks/{stem}.py " + " ".join(sys.argv[1:])
         res["parts"][name] = part
         for r in part.get("rows", []):
             print("  ", json.dumps(r, default=str), flush=True)
@@ -109,7 +110,12 @@ def run_parts(stem: str, title: str, parts, make_ctx, plot_key: str, doc: str, a
             print(f"   {'MET' if t['met'] else 'MISSED'}: {t['target']} — {t['detail']}", flush=True)
         if not args.quick:
             results.mkdir(exist_ok=True)
-            tmp = results / f".{stem}.json.tmp"
+            # read again: another run of other parts may have written since this one started
+            cur = load_json(results / f"{stem}.json")
+            cur.setdefault("parts", {}).update({name: part})
+            cur.update({k: res[k] for k in ("machine", "command")})
+            res = cur
+            tmp = results / f".{stem}.{os.getpid()}.json.tmp"
             tmp.write_text(json.dumps(res, indent=1, default=str))
             tmp.replace(results / f"{stem}.json")
             (results / f"{stem}.md").write_text(parts_md(title, res, parts))
