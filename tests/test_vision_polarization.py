@@ -154,7 +154,7 @@ def test_cli_shrinks_the_model_and_mistakes_exit_2(tmp_path):
     rc, out, err = invoke(*args, "--option", "lam=1e-2", "--option", "threshold=sparsity", "--sparsity", "0.5",
                           "--out", tmp_path / "r")
     assert rc == 0, err
-    assert "polarization-trained test accuracy (before removal)" in out and "dense test accuracy" not in out
+    assert "test accuracy before polarization's removal" in out and "dense test accuracy" not in out
     manifest = json.loads((tmp_path / "r" / "prunekit.json").read_text())
     kept = manifest["learn"]["channels_after"]  # half of 192, plus one for any layer that would lose all
     assert 96 <= kept <= 100 and manifest["shapes"]["features.0.weight"][0] < 32

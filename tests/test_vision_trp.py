@@ -106,7 +106,7 @@ def test_cli_decomposes_and_mistakes_exit_2(tmp_path):
             "--train-subset", "128", "--test-subset", "32", "--batch-size", "64", "--learn", "trp", "--quiet"]
     rc, out, err = invoke(*args, "--option", "energy=0.8", "--option", "speed_repeats=0", "--out", tmp_path / "r")
     assert rc == 0, err
-    assert "trp-trained test accuracy (before removal)" in out
+    assert "test accuracy before trp's removal" in out
     manifest = json.loads((tmp_path / "r" / "prunekit.json").read_text())
     assert manifest["learn"]["energy"] == 0.8 and manifest["learn"]["speed"] is None
     assert "features.3.0.weight" in manifest["shapes"]

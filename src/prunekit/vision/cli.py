@@ -146,7 +146,7 @@ def train_prune(
     save_run(out, model_, cfg, masks, info, overwrite=overwrite)
     m = info["metrics"]
     if "dense_acc" in info:
-        before = f"{cfg.learn}-trained test accuracy (before removal)" if cfg.learn else "dense test accuracy"
+        before = f"test accuracy before {cfg.learn}'s removal" if cfg.learn else "dense test accuracy"
         print(f"{before} {info['dense_acc']:.4f}")
     for r in info.get("sap", {}).get("rounds", []):
         print(f"sap round {r['round']}: PQ index {r['pq_global']:.4f} -> pruned {r['pruned']:,} of {r['alive']:,}, "
@@ -157,7 +157,8 @@ def train_prune(
         ch = info["channels"]
         print(f"channels: parameters {ch['params_before']:,} -> {ch['params_after']:,}")
     j = info["journey"]
+    journey = (f"average parameters {j['average_params']:,.0f} over {j['steps']} steps (final {j['final_params'] or 0:,})"
+               if j["steps"] else "no training steps")
     print(f"final test accuracy {m['test_acc']:.4f} on {m['test_images']} images, sparsity {m['sparsity']:.4f}, "
-          f"average parameters {j['average_params']:,.0f} over {j['steps']} steps (final {j['final_params'] or 0:,}), "
-          f"{info['seconds']:.1f}s")
+          f"{journey}, {info['seconds']:.1f}s")
     print(f"saved {out}  (prunekit.vision.train.load_run('{out}') rebuilds it)")
