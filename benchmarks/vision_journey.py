@@ -11,7 +11,8 @@ Writes benchmarks/results/vision_journey.{json,md,png}. What runs, exactly:
   105,736 conv/linear weights are prunable), a random ``--train-subset`` of the training images (new subset per
   seed), the first ``--test-subset`` test images; SGD + Nesterov, batch 128, lr 0.05 with ONE cosine over all
   ``--epochs`` epochs (no phase restarts), wd 5e-4, 1 thread. Every run takes the same number of steps T.
-* Two budgets of average parameters, each the size of a narrower dense SmallCNN (width 5 and width 3), and in
+* Two budgets of average parameters, each the size of a narrower dense SmallCNN (width 5 and width 3 unless
+  ``--budgets`` says other widths), and in
   each budget four runs with that same average but different journeys:
     - ``dense``:   the narrower SmallCNN, dense all along (average = final);
     - ``at-init``: the width-8 net with a fixed random ERK mask from step 0 (average = final, sparse);
@@ -60,9 +61,23 @@ from prunekit.zoo.nets import SmallCNN  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 WIDE = 8
 # budget name -> the dense width whose size is the budget; each sparse schedule: (kind, window as fractions of T)
+# (--budgets sets them: the larger budget's sparse runs use the first windows, the smaller one's the second: a
+# smaller budget needs the pruning to start earlier for the average to be reachable)
 BUDGETS = {"w5": 5, "w3": 3}
-SPARSE = {"w5": (("at-init", (0.0, 0.0)), ("oneshot", (0.25, 0.25)), ("gradual", (0.25, 0.75))),
-          "w3": (("at-init", (0.0, 0.0)), ("oneshot", (0.10, 0.10)), ("gradual", (0.10, 0.60)))}
+WINDOWS = ((("at-init", (0.0, 0.0)), ("oneshot", (0.25, 0.25)), ("gradual", (0.25, 0.75))),
+           (("at-init", (0.0, 0.0)), ("oneshot", (0.10, 0.10)), ("gradual", (0.10, 0.60))))
+SPARSE = dict(zip(BUDGETS, WINDOWS))
+
+
+def set_budgets(widths: list[int]) -> None:
+    """The two budgets: the sizes of the dense SmallCNNs of these widths (larger first)."""
+    widths = sorted(widths, reverse=True)
+    if len(widths) != 2 or len(set(widths)) != 2 or widths[0] >= WIDE or widths[1] < 1:
+        raise ValueError(f"--budgets takes two different widths between 1 and {WIDE - 1}, got {widths}.")
+    BUDGETS.clear()
+    BUDGETS.update({f"w{w}": w for w in widths})
+    SPARSE.clear()
+    SPARSE.update(zip(BUDGETS, WINDOWS))
 MAX_SPARSITY = 0.97
 METRICS = (("test_loss", "test loss"), ("train_loss", "training loss"), ("test_acc", "test accuracy"))
 
@@ -231,7 +246,8 @@ def analyse(configs: list[dict], rows: list[dict], seeds: int) -> dict:
                          "values": {e["label"]: e[m] for e in members},
                          "max_pair_delta": worst[2], "worst_pair": worst[:2], "within": worst[2] <= tol}
         means = {b: statistics.fmean(g["values"].values()) for b, g in groups.items()}
-        separation = abs(means["w5"] - means["w3"])
+        big, small = BUDGETS
+        separation = abs(means[big] - means[small])
         contrast = []  # about the same final count (within 10%), averages 25% or more apart
         for a, c in itertools.combinations([e for e in table if e["budget"] != "reference"], 2):
             fa, fc, aa, ac = a["final_params"], c["final_params"], a["average_params"], c["average_params"]
@@ -315,7 +331,7 @@ def plot(res, path: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.2), sharey="row")
-    colors = {"reference": "0.3", "w5": "C0", "w3": "C3"}
+    colors = {"reference": "0.3", **dict(zip(BUDGETS, ("C0", "C3")))}
     markers = {"dense": "o", "at-init": "s", "oneshot": "^", "gradual": "D"}
     for row, (m, name) in enumerate(METRICS[:2]):
         for col, (key, xlabel) in enumerate((("average_params", "average parameters over training"),
@@ -351,6 +367,8 @@ def main():
     ap.add_argument("--prune-every", type=int, default=10)
     ap.add_argument("--min-density", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budgets", default="5,3", help="two SmallCNN widths below 8 whose dense sizes are the two "
+                    "budgets of average parameters (default 5,3)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 512 images, 2 epochs, masks every step; "
                     "writes to a temporary directory, not benchmarks/results")
     args = ap.parse_args()
@@ -359,6 +377,10 @@ def main():
         args.train_subset, args.test_subset, args.epochs, args.prune_every = 512, 256, 2, 1
     if args.seeds < 2:
         ap.error("the check needs at least 2 seeds (the seed spread)")
+    try:
+        set_budgets([int(w) for w in args.budgets.split(",")])
+    except ValueError as e:
+        ap.error(str(e) if "--budgets" in str(e) else f"--budgets takes two integers like 5,3, got {args.budgets!r}.")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     steps = args.epochs * math.ceil(args.train_subset / args.batch_size)
