@@ -23,6 +23,7 @@ from typing import Any
 from prunekit.core.journey import Journey
 from prunekit.core.registry import Registry
 
+
 def modules() -> list[str]:
     """The learner modules of this package (each registers its entries on import), in name order."""
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
@@ -34,6 +35,18 @@ def _load() -> None:
 
 
 LEARNED = Registry("learned method", loader=_load)
+
+
+def named_modules(model, exclude) -> dict:
+    """``model``'s modules by name, after checking that every name in ``exclude`` is one of them (else one
+    sentence)."""
+    from prunekit.errors import PruneError
+
+    mods = dict(model.named_modules())
+    bad = [n for n in exclude if n not in mods]
+    if bad:
+        raise PruneError(f"No module named {bad[0]!r} in the model; --exclude takes module names.")
+    return mods
 
 
 @dataclass

@@ -48,7 +48,7 @@ from torch import nn
 from prunekit.core.config import Config
 from prunekit.core.progress import say
 from prunekit.errors import PruneError
-from prunekit.vision.learn import LEARNED
+from prunekit.vision.learn import LEARNED, named_modules
 
 OPEN_BIAS = 0.1  # the predictors' initial bias: every gate (just) open
 
@@ -412,25 +412,30 @@ def rebuild_gates(model: nn.Module, manifest: dict) -> nn.Module:
     return install_gates(model, L["gated"], L["feeds"], L["threshold"])
 
 
+def switchable(model: nn.Module, example: torch.Tensor, exclude, who: str, name: str) -> dict:
+    """:func:`gateable` after the checks gating and TAS share: ``exclude`` names modules, the graph supports every
+    op, and at least one conv qualifies (else one sentence naming ``who`` needs it)."""
+    from prunekit.vision.channels import check_supported, output_modules
+
+    mods = named_modules(model, exclude)
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in mods.values())
+    if has_bn:
+        check_supported(model, output_modules(model.eval(), example) + [mods[n] for n in exclude])
+    pairs = gateable(model, example, exclude) if has_bn else {}
+    if not pairs:
+        raise PruneError(f"{who} needs convolutions followed by a BatchNorm whose channels no other layer shares; "
+                         f"model {name!r} has none (choose a model such as cnn or resnet).")
+    return pairs
+
+
 def run(cfg, model: nn.Module, data: dict, ctx):
     """Train ``cfg.epochs`` dense, install the gates, fine-tune ``cfg.finetune_epochs`` with the predictors'
     BCE; returns (the gated model, None)."""
-    from prunekit.vision.channels import check_supported, output_modules
     from prunekit.vision.train import evaluate, train_epochs
 
     o = ctx.options
     example = data["x_train"][:2]
-    mods = dict(model.named_modules())
-    bad = [n for n in cfg.exclude if n not in mods]
-    if bad:
-        raise PruneError(f"No module named {bad[0]!r} in the model; --exclude takes module names.")
-    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in mods.values())
-    if has_bn:
-        check_supported(model, output_modules(model.eval(), example) + [mods[n] for n in cfg.exclude])
-    pairs = gateable(model, example, cfg.exclude) if has_bn else {}
-    if not pairs:
-        raise PruneError(f"Gating needs convolutions followed by a BatchNorm whose channels no other layer shares; "
-                         f"model {cfg.model!r} has none (choose a model such as cnn or resnet).")
+    pairs = switchable(model, example, cfg.exclude, "Gating", cfg.model)
     train_epochs(model, data, cfg.epochs, cfg, None, "dense", ctx.history, progress=ctx.progress, seed=cfg.seed,
                  journey=ctx.journey)
     dense_acc = evaluate(model, data["x_test"], data["y_test"])

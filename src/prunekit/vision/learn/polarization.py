@@ -31,7 +31,7 @@ from prunekit.core.config import Config
 from prunekit.core.masks import keep_highest, kept_total
 from prunekit.core.progress import say
 from prunekit.errors import PruneError
-from prunekit.vision.learn import LEARNED
+from prunekit.vision.learn import LEARNED, named_modules
 
 RULES = ("valley", "sparsity")
 
@@ -158,10 +158,7 @@ def run(cfg, model: nn.Module, data: dict, ctx):
 
     o = ctx.options
     example = data["x_train"][:2]
-    mods = dict(model.named_modules())
-    bad = [n for n in cfg.exclude if n not in mods]
-    if bad:
-        raise PruneError(f"No module named {bad[0]!r} in the model; --exclude takes module names.")
+    mods = named_modules(model, cfg.exclude)
     no_bn = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine for m in mods.values())
     if not no_bn:
         check_supported(model, output_modules(model.eval(), example) + [mods[n] for n in cfg.exclude])

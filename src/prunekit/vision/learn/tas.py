@@ -44,7 +44,7 @@ from prunekit.core.config import Config
 from prunekit.core.progress import say
 from prunekit.errors import PruneError
 from prunekit.vision.learn import LEARNED
-from prunekit.vision.learn.gating import LayerPlan, executed_macs, gateable, layer_plan
+from prunekit.vision.learn.gating import LayerPlan, executed_macs, layer_plan, switchable
 
 
 class TasOptions(Config):
@@ -202,22 +202,12 @@ def run(cfg, model: nn.Module, data: dict, ctx):
     """Train ``cfg.epochs`` dense (the teacher), search the widths ``search_epochs``, build the chosen network and
     distil into it ``cfg.finetune_epochs``; returns (the smaller model, None)."""
     from prunekit.core.loop import kd_loss
-    from prunekit.vision.channels import check_supported, count_macs, output_modules, prune_channels
+    from prunekit.vision.channels import count_macs, prune_channels
     from prunekit.vision.train import evaluate, recalibrate_bn, train_epochs
 
     o = ctx.options
     example = data["x_train"][:2]
-    mods = dict(model.named_modules())
-    bad = [n for n in cfg.exclude if n not in mods]
-    if bad:
-        raise PruneError(f"No module named {bad[0]!r} in the model; --exclude takes module names.")
-    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in mods.values())
-    if has_bn:
-        check_supported(model, output_modules(model.eval(), example) + [mods[n] for n in cfg.exclude])
-    pairs = gateable(model, example, cfg.exclude) if has_bn else {}
-    if not pairs:
-        raise PruneError(f"TAS needs convolutions followed by a BatchNorm whose channels no other layer shares; "
-                         f"model {cfg.model!r} has none (choose a model such as cnn or resnet).")
+    pairs = switchable(model, example, cfg.exclude, "TAS", cfg.model)
     plan = layer_plan(model, example, pairs)
     search = WidthSearch(model, pairs, plan, o.widths, o.sample)
     target = o.macs_target * search.dense

@@ -37,7 +37,7 @@ from torch import nn
 from prunekit.core.config import Config
 from prunekit.core.progress import say
 from prunekit.errors import PruneError
-from prunekit.vision.learn import LEARNED
+from prunekit.vision.learn import LEARNED, named_modules
 
 
 class TrpOptions(Config):
@@ -200,10 +200,7 @@ def run(cfg, model: nn.Module, data: dict, ctx):
 
     o = ctx.options
     example = data["x_train"][:1]
-    mods = dict(model.named_modules())
-    bad = [n for n in cfg.exclude if n not in mods]
-    if bad:
-        raise PruneError(f"No module named {bad[0]!r} in the model; --exclude takes module names.")
+    named_modules(model, cfg.exclude)  # checks --exclude
     layers = factorable(model, cfg.exclude)
     if not layers:
         raise PruneError(f"TRP needs convolution or linear layers to factorize; model {cfg.model!r} has none left "
