@@ -23,7 +23,8 @@ def load_json(path: Path) -> dict:
 def parts_md(title: str, res: dict, parts) -> str:
     """The markdown of a results file made of parts (llm_methods, vision_methods): each part's setup, its rows as a
     table, its targets met/missed and its findings."""
-    lines = [f"# {title}", "", f"Machine: {res['machine']}. Command: `{res['command']}`.", ""]
+    lines = [f"# {title}", "", f"Machine: {res['machine']}. Last command: `{res['command']}` (each part names its "
+             "own run where it was recorded).", ""]
     for name in parts:
         part = res.get("parts", {}).get(name)
         if not part:
@@ -39,7 +40,8 @@ def parts_md(title: str, res: dict, parts) -> str:
             lines.append(f"- **{'met' if t['met'] else 'missed'}**: {t['target']} — {t['detail']}")
         for f in part.get("findings", []):
             lines.append(f"- finding: {f}")
-        lines += ["", f"({part.get('seconds', 0):.0f} s)", ""]
+        run = f"; `{part['command']}`" if part.get("command") else ""
+        lines += ["", f"({part.get('seconds', 0):.0f} s{run})", ""]
     return "\n".join(lines) + "\n"
 
 
