@@ -16,7 +16,7 @@ import copy
 
 import torch
 
-from prunekit.vision.learn.udfc import compress
+from prunekit.vision.learn.udfc import compress, quantize_int8
 from prunekit.vision.models import efficientnet_lite0, sample_photos
 from prunekit.vision.train import evaluate
 
@@ -50,8 +50,19 @@ def run(ctx) -> dict:
     ref, p_ref = logits.argmax(1), logits.softmax(1)
     fashion, data = ctx.lite0_fashion()
     x_test, y_test = data["x_test"], data["y_test"]
+    # int8 alone (nothing removed): how much of the photos' agreement the quantization costs by itself
+    m, f = copy.deepcopy(dense), copy.deepcopy(fashion)
+    quantize_int8(m)
+    quantize_int8(f)
+    with torch.no_grad():
+        out = m(photos)
+    int8_only = {"label": "int8 only 0%", "variant": "int8 only", "ratio": 0.0,
+                 "photos_agree": int((out.argmax(1) == ref).sum()),
+                 "photos_kl": round(float((p_ref * (p_ref.log() - out.log_softmax(1))).sum(1).mean()), 4),
+                 "photos": len(names), "acc": round(evaluate(f, x_test, y_test), 4),
+                 "params": sum(p.numel() for p in m.parameters())}
     fashion_dense = evaluate(fashion, x_test, y_test)
-    rows = []
+    rows = [int8_only]
     for r in RATIOS:
         for label, comp, quant, select, alloc in VARIANTS:
             m = copy.deepcopy(dense)
