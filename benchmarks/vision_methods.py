@@ -74,6 +74,23 @@ class Ctx:
         xs = list(xs)
         return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
+    def mean_row(self, label: str, r: dict, dense_macs: float, **means: tuple[str, int]) -> dict:
+        """One table row from per-seed lists ``r``: accuracy mean ± std, mean MACs (and their share of
+        ``dense_macs``) and parameters, plus ``key=(list name in r, digits)`` means."""
+        acc, std = self.mean_std(r["acc"])
+        macs = self.mean_std(r["macs"])[0]
+        row = {"label": label, "acc": round(acc, 4), "acc_std": round(std, 4), "macs": int(macs),
+               "macs_ratio": round(macs / dense_macs, 3), "params": int(self.mean_std(r["params"])[0])}
+        row.update({k: round(self.mean_std(r[src])[0], digits) for k, (src, digits) in means.items()})
+        return row
+
+    @staticmethod
+    def versus(a: dict, b: dict) -> str:
+        """Row ``a``'s accuracy against row ``b``'s, one standard deviation each way: above / below / within."""
+        if a["acc"] - a["acc_std"] > b["acc"] + b["acc_std"]:
+            return "above"
+        return "below" if a["acc"] + a["acc_std"] < b["acc"] - b["acc_std"] else "within the spread of"
+
     def lite0_fashion(self, epochs: int = 1, train: int = 6000, image_size: int = 64):
         """EfficientNet-Lite0 with its real ImageNet weights, its classifier replaced and the whole network fine-tuned
         ``epochs`` epoch(s) on ``train`` Fashion-MNIST images (64x64 RGB), cached under ~/.cache/prunekit; returns

@@ -13,13 +13,11 @@ parameters, and the batch-1 milliseconds per image against the dense network tim
 
 from __future__ import annotations
 
-import time
 
-import torch
 from vision_methods_parts.polarization import _ratio_for_macs
 
 from prunekit.vision.channels import count_macs
-from prunekit.vision.learn.gating import strip_gates
+from prunekit.vision.learn.gating import batch1_seconds, strip_gates
 
 SPARSITY = 0.5
 EPOCHS, FINETUNE = 3, 2
@@ -27,19 +25,9 @@ TRAIN, TEST = 5000, 2000
 TIMED = 200
 
 
-@torch.no_grad()
 def _ms(model, x, repeats: int = 3) -> float:
-    """Milliseconds per image, batch 1, best of ``repeats`` passes over ``x``."""
-    model.eval()
-    for i in range(min(4, len(x))):
-        model(x[i:i + 1])
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(len(x)):
-            model(x[i:i + 1])
-        best = min(best, time.perf_counter() - t0)
-    return 1e3 * best / len(x)
+    """Milliseconds per image, batch 1 (:func:`prunekit.vision.learn.gating.batch1_seconds`)."""
+    return 1e3 * batch1_seconds(model, x, repeats)
 
 
 def run(ctx) -> dict:
@@ -83,17 +71,10 @@ def run(ctx) -> dict:
             r["speedup"].append(dense_ms / ms)
     rows = []
     for label in labels:
-        r = res[label]
-        acc, std = ctx.mean_std(r["acc"])
-        macs = ctx.mean_std(r["macs"])[0]
-        rows.append({"label": label, "acc": round(acc, 4), "acc_std": round(std, 4), "macs": int(macs),
-                     "macs_ratio": round(macs / dense_macs, 3), "params": int(ctx.mean_std(r["params"])[0]),
-                     "ms_per_image": round(ctx.mean_std(r["ms"])[0], 3),
-                     "speedup": round(ctx.mean_std(r["speedup"])[0], 2)})
+        rows.append(ctx.mean_row(label, res[label], dense_macs, ms_per_image=("ms", 3), speedup=("speedup", 2)))
     gate, l1, bns, dense = rows
     best = max((l1, bns), key=lambda x: x["acc"])
-    verdict = ("above" if gate["acc"] - gate["acc_std"] > best["acc"] + best["acc_std"] else
-               "below" if gate["acc"] + gate["acc_std"] < best["acc"] - best["acc_std"] else "within the spread of")
+    verdict = ctx.versus(gate, best)
     findings = [
         f"At {gate['macs_ratio']:.0%} of the dense MACs on average (gates open {ctx.mean_std(opened)[0]:.0%} of the "
         f"time, predictors included) and {epochs + finetune} epochs, gating reached {gate['acc']:.4f} ± "

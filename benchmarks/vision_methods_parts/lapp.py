@@ -82,9 +82,7 @@ def run(ctx) -> dict:
                      "weight_sparsity": round(ctx.mean_std(res[k]["sparsity"])[0], 4)})
     dense_row, lapp_row, uni_row, glob_row = rows
     best = max((uni_row, glob_row), key=lambda r: r["acc"])
-    verdict = ("above" if lapp_row["acc"] - lapp_row["acc_std"] > best["acc"] + best["acc_std"] else
-               "below" if lapp_row["acc"] + lapp_row["acc_std"] < best["acc"] - best["acc_std"] else
-               "within the spread of")
+    verdict = ctx.versus(lapp_row, best)
     per_layer = ", ".join(f"{n.removesuffix('.weight')} {sum(v) / len(v):.2f}" for n, v in layer_sp.items())
     findings = [
         f"At {lapp_row['flops_ratio']:.1%} of the dense FLOPs LAPP reached {lapp_row['acc']:.4f} ± "

@@ -108,18 +108,11 @@ def run(ctx) -> dict:
             r["channels"].append(_channels(tuned))
     rows = []
     for label in labels:
-        r = res[label]
-        acc, std = ctx.mean_std(r["acc"])
-        macs = ctx.mean_std(r["macs"])[0]
-        rows.append({"label": label, "acc": round(acc, 4), "acc_std": round(std, 4),
-                     "acc_at_removal": round(ctx.mean_std(r["removed"])[0], 4),
-                     "acc_before_removal": round(ctx.mean_std(r["trained"])[0], 4),
-                     "macs": int(macs), "macs_ratio": round(macs / dense_macs, 3),
-                     "params": int(ctx.mean_std(r["params"])[0]), "bn_channels": round(ctx.mean_std(r["channels"])[0], 1)})
+        rows.append(ctx.mean_row(label, res[label], dense_macs, acc_at_removal=("removed", 4),
+                                 acc_before_removal=("trained", 4), bn_channels=("channels", 1)))
     pol, slim_row, bnd, mag = rows
     best_base = max(rows[1:], key=lambda x: x["acc"])
-    verdict = ("above" if pol["acc"] - pol["acc_std"] > best_base["acc"] + best_base["acc_std"] else
-               "below" if pol["acc"] + pol["acc_std"] < best_base["acc"] - best_base["acc_std"] else "within the spread of")
+    verdict = ctx.versus(pol, best_base)
     findings = [
         f"At {pol['macs_ratio']:.0%} of the dense MACs ({pol['bn_channels']:.0f} of 192 BatchNorm channels kept by the "
         f"valley) and {epochs + finetune} epochs in all, one-pass polarization reached {pol['acc']:.4f} ± "

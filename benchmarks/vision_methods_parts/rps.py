@@ -45,8 +45,7 @@ def run(ctx) -> dict:
     findings = []
     for s in SPARSITIES:
         r, m = (next(x for x in rows if x["sparsity"] == s and x["method"] == k) for k in ("rps", "magnitude"))
-        verdict = ("above" if r["acc"] - r["acc_std"] > m["acc"] + m["acc_std"] else
-                   "below" if r["acc"] + r["acc_std"] < m["acc"] - m["acc_std"] else "within the spread of")
+        verdict = ctx.versus(r, m)
         findings.append(f"At {1 - s:.0%} of the weights stored ({r['stored_weights']:,} values), RPS reached "
                         f"{r['acc']:.4f} ± {r['acc_std']:.4f}, {verdict} global magnitude ({m['acc']:.4f} ± "
                         f"{m['acc_std']:.4f}) in {epochs + finetune} epochs; bytes {r['bytes']:,} vs {m['bytes']:,} "

@@ -53,15 +53,10 @@ def run(ctx) -> dict:
             res[label]["params"].append(done["metrics"]["params"])
     rows = []
     for label in labels:
-        r = res[label]
-        acc, std = ctx.mean_std(r["acc"])
-        macs = ctx.mean_std(r["macs"])[0]
-        rows.append({"label": label, "acc": round(acc, 4), "acc_std": round(std, 4), "macs": int(macs),
-                     "macs_ratio": round(macs / dense_macs, 3), "params": int(ctx.mean_std(r["params"])[0])})
+        rows.append(ctx.mean_row(label, res[label], dense_macs))
     tas, l1, bns, dense = rows
     best = max((l1, bns), key=lambda x: x["acc"])
-    verdict = ("above" if tas["acc"] - tas["acc_std"] > best["acc"] + best["acc_std"] else
-               "below" if tas["acc"] + tas["acc_std"] < best["acc"] - best["acc_std"] else "within the spread of")
+    verdict = ctx.versus(tas, best)
     findings = [
         f"At {tas['macs_ratio']:.0%} of the dense MACs (target {TARGET:.0%} ± {TOLERANCE:.0%} of it) and "
         f"{epochs + search + finetune} epochs in all, TAS reached {tas['acc']:.4f} ± {tas['acc_std']:.4f}, {verdict} "

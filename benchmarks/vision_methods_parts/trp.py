@@ -65,13 +65,7 @@ def run(ctx) -> dict:
             r["speedup"].append(ips[k] / ips["dense"])
     rows = []
     for k in labels:
-        r = res[k]
-        acc, std = ctx.mean_std(r["acc"])
-        macs = ctx.mean_std(r["macs"])[0]
-        rows.append({"label": k, "acc": round(acc, 4), "acc_std": round(std, 4), "macs": int(macs),
-                     "macs_ratio": round(macs / dense_macs, 3), "params": int(ctx.mean_std(r["params"])[0]),
-                     "images_per_s": round(ctx.mean_std(r["ips"])[0], 1),
-                     "speedup": round(ctx.mean_std(r["speedup"])[0], 3)})
+        rows.append(ctx.mean_row(k, res[k], dense_macs, images_per_s=("ips", 1), speedup=("speedup", 3)))
     dense_row, trp_row, chan_row = rows
     loss = (dense_row["acc"] - trp_row["acc"]) * 100
     met = trp_row["speedup"] >= 1.5 and loss <= 1.0

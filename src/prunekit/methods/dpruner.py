@@ -41,7 +41,6 @@ from prunekit.errors import PruneError
 from prunekit.linear import weight_matrix
 from prunekit.methods.base import METHODS, Method
 from prunekit.methods.sparsegpt import inverse_hessian_cholesky
-from prunekit.stats import Hessian
 
 
 def gradient_moments(model, batches: torch.Tensor, targets, desc: str, progress: bool = False):
@@ -67,39 +66,31 @@ def gradient_moments(model, batches: torch.Tensor, targets, desc: str, progress:
 
 
 def general_saliency(model, batches: torch.Tensor, targets, dampening: float = 0.01, progress: bool = False):
-    """Per target layer, SparseGPT's OBS saliency ``W^2 / [H^-1]_jj`` of the dense weights, ``H = X X^T / n`` from
-    the layer's inputs over ``batches`` (one forward per window), in the ``[out, in]`` layout."""
-    from prunekit.core.progress import bar
+    """Per target layer, SparseGPT's OBS saliency ``W^2 / [H^-1]_jj`` of the dense weights, ``H = X X^T`` from the
+    layer's inputs over ``batches``, in the ``[out, in]`` layout. The inputs come from the shared calibration engine
+    in its one-pass mode (:func:`prunekit.calibrate.run_sequential`, ``propagate=False``: the dense model's
+    activations); the scale of H does not matter (the dampening is relative and the scores are normalised)."""
+    from prunekit.arch import adapter_for
+    from prunekit.calibrate import run_sequential
 
-    hess: dict[str, Hessian] = {}
-    handles = []
+    blocks = adapter_for(model).blocks(model)
+    owner = {id(m): bi for bi, block in enumerate(blocks) for m in block.modules()}
+    per_block: list[list] = [[] for _ in blocks]
     for name, m in targets:
-        hess[name] = Hessian(weight_matrix(m).shape[1])
-
-        def hook(_mod, inp, name=name):
-            hess[name].add(inp[0].detach())
-
-        handles.append(m.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for row in bar(batches, desc="d-pruner general activations", unit="window", enabled=progress):
-                model(input_ids=row.unsqueeze(0), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+        per_block[owner[id(m)]].append((name, m))
     out = {}
-    for name, m in targets:
-        h = hess.pop(name)
-        H = h.value / max(h.tokens, 1)
+
+    def record(_bi, group, hess):
+        H = hess.clone()
         dead = H.diagonal() == 0
         H[dead, dead] = 1.0
         upper, _ = inverse_hessian_cholesky(H, dampening)  # H^-1 = U^T U: its diagonal is U's column norms squared
         hinv_diag = upper.pow(2).sum(0)
-        w = weight_matrix(m).detach().float()
-        out[name] = w.pow(2) / hinv_diag.unsqueeze(0)
+        for name, m in group:
+            out[name] = weight_matrix(m).detach().float().pow(2) / hinv_diag.unsqueeze(0)
+
+    run_sequential(model, blocks, per_block, batches, "hessian", record, batch_size=1, progress=progress,
+                   desc="d-pruner general activations", propagate=False)
     return out
 
 

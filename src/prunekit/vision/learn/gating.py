@@ -384,24 +384,28 @@ def gate_report(model: nn.Module, plan: dict[str, LayerPlan], pairs: dict[str, s
 
 
 @torch.no_grad()
+def batch1_seconds(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
+    """Seconds per image of ``model`` (eval mode) fed the images of ``x`` one at a time: best of ``repeats``
+    passes, after 4 warm-up images."""
+    model.eval()
+    for i in range(min(4, len(x))):
+        model(x[i:i + 1])
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(len(x)):
+            model(x[i:i + 1])
+        best = min(best, time.perf_counter() - t0)
+    return best / len(x)
+
+
+@torch.no_grad()
 def speed(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> dict:
-    """Seconds per image, batch 1, of the gated model in skip mode and of its ungated network (best of
-    ``repeats`` passes over ``x``), on this process's CPU threads."""
-    dense = strip_gates(model).eval()
-    gated = set_gates(copy.deepcopy(model), skip=True).eval()
-
-    def timed(m):
-        for i in range(min(4, len(x))):
-            m(x[i:i + 1])
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for i in range(len(x)):
-                m(x[i:i + 1])
-            best = min(best, time.perf_counter() - t0)
-        return best / len(x)
-
-    d, g = timed(dense), timed(gated)
+    """Seconds per image, batch 1, of the gated model in skip mode and of its ungated network
+    (:func:`batch1_seconds`), on this process's CPU threads."""
+    dense = strip_gates(model)
+    gated = set_gates(copy.deepcopy(model), skip=True)
+    d, g = batch1_seconds(dense, x, repeats), batch1_seconds(gated, x, repeats)
     return {"images": len(x), "dense_ms": 1e3 * d, "gated_ms": 1e3 * g, "speedup": d / g,
             "threads": torch.get_num_threads()}
 

@@ -76,8 +76,7 @@ class UdfcOptions(Config):
     compensate: bool = Field(True, description="fold each removed channel's reconstruction into the consumer")
     quantize: bool = Field(True, description="8-bit per-output-channel symmetric weights after the removal")
     ridge: float = Field(0.1, description="ridge of the least squares, relative to the mean Gram diagonal (0.1: "
-                         "chosen on the Fashion-MNIST transfer model's training images; 1e-3 lost 14 points there at "
-                         "20% removed)")
+                         "chosen on the Fashion-MNIST transfer model's training images, never on test data)")
     min_slope: float = Field(1e-3, description="kept channels whose activation slope E f' is below this are not "
                              "used in a reconstruction")
 
