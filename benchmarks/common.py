@@ -115,6 +115,7 @@ def run_parts(stem: str, title: str, parts, make_ctx, plot_key: str, doc: str, a
             # read again: another run of other parts may have written since this one started
             cur = load_json(results / f"{stem}.json")
             cur.setdefault("parts", {}).update({name: part})
+            cur.update(part.get("top_level", {}))  # a part's headline figures, also at the top of the file
             cur.update({k: res[k] for k in ("machine", "command")})
             res = cur
             tmp = results / f".{stem}.{os.getpid()}.json.tmp"

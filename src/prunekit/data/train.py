@@ -57,7 +57,7 @@ def features(ds, encoder: str = "auto", engine=None, progress: bool = False) -> 
     return x.float().reshape(x.shape[0], -1)
 
 
-def build_model(kind: str, x: torch.Tensor, num_classes: int, width: int = 16) -> nn.Module:
+def build_model(kind: str, x: torch.Tensor, num_classes: int, width: int = 16, hidden: int = 256) -> nn.Module:
     if kind not in MODELS:
         raise PruneError(f"Unknown model {kind!r}; use one of {', '.join(MODELS)}.")
     if kind == "fast-cnn":
@@ -65,7 +65,7 @@ def build_model(kind: str, x: torch.Tensor, num_classes: int, width: int = 16) -
             raise PruneError("The CNN needs images; use --model mlp or linear for feature vectors and texts.")
         return FastCNN(x.shape[1], num_classes, width)
     d = int(np.prod(x.shape[1:]))
-    return MLP(d, num_classes, hidden=0 if kind == "linear" else 256)
+    return MLP(d, num_classes, hidden=0 if kind == "linear" else hidden)
 
 
 class TrainConfig(Config):
@@ -75,10 +75,12 @@ class TrainConfig(Config):
     lr: float = 2e-3
     weight_decay: float = 5e-4
     width: int = 16
+    hidden: int = 256  # the MLP's hidden units
     seed: int = 0
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the distillation term when a teacher is given
     steps: int | None = None  # a fixed number of optimizer steps instead of epochs (the same compute for any subset size)
+    patience: int | None = None  # with a validation split: stop after this many epochs without a better accuracy
 
     what = "data training"
     flags = True
@@ -94,9 +96,11 @@ class TrainConfig(Config):
         from prunekit.data.scores import _check_choice, _check_ints, _check_positive
 
         _check_choice("model", self.model, CHOICES)
-        _check_ints(self, ("epochs", 1), ("batch_size", 1), ("width", 1), ("seed", 0))
+        _check_ints(self, ("epochs", 1), ("batch_size", 1), ("width", 1), ("hidden", 1), ("seed", 0))
         if self.steps is not None:
             _check_ints(self, ("steps", 1))
+        if self.patience is not None:
+            _check_ints(self, ("patience", 1))
         _check_positive(self, "lr", "temperature")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise PruneError(f"--weight-decay must be 0 or more, got {self.weight_decay}.")
@@ -128,25 +132,48 @@ def _stats(x: torch.Tensor):
 
 
 def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, *, teacher_logits: torch.Tensor | None = None,
-        on_batch: Callable | None = None, progress: bool = False, stats_from: torch.Tensor | None = None) -> nn.Module:
+        on_batch: Callable | None = None, progress: bool = False, stats_from: torch.Tensor | None = None,
+        val: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
     """Train a fresh model on (x, y). ``on_batch(epoch, idx, logits)`` sees every minibatch's logits (forgetting,
-    AUM). ``teacher_logits`` (aligned with x) switch on distillation. Deterministic for a seed."""
+    AUM). ``teacher_logits`` (aligned with x) switch on distillation. Deterministic for a seed.
+
+    ``val = (x_val, y_val)`` (a split carved from the training data, never the test set) switches on early stopping:
+    accuracy on it after every epoch (every few epochs when there are more than 40), the best checked epoch's
+    weights are the ones returned, and with ``cfg.patience`` the run stops after that many checks without a better
+    one. ``model.fit_info`` then says which epoch was kept."""
     if len(x) == 0:
         raise PruneError("The subset is empty; keep a larger fraction.")
     cfg.check()
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     mean, std = _stats(stats_from if stats_from is not None else x)
-    model = Standardize(mean, std, build_model(cfg.model, x, num_classes, cfg.width))
+    model = Standardize(mean, std, build_model(cfg.model, x, num_classes, cfg.width, cfg.hidden))
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = max(1, cfg.steps if cfg.steps else cfg.epochs * steps_per_epoch)
     epochs = math.ceil(total / steps_per_epoch)
     opt = make_optimizer(model.parameters(), "adamw", cfg.lr, cfg.weight_decay)
     sched = make_schedule(opt, "onecycle", total, pct_start=0.15)
     left = {"steps": total}
+    best = {"acc": -1.0, "epoch": -1, "state": None, "stale": 0, "epochs": 0}
+
+    every = max(1, math.ceil(epochs / 40))  # at most ~40 validation passes, however many short epochs a subset has
+
+    def on_epoch(epoch, step, result):
+        best["epochs"] = epoch + 1
+        if (epoch + 1) % every and epoch + 1 != epochs:
+            return
+        acc = accuracy(model, *val)
+        model.train()
+        if acc > best["acc"]:
+            best.update(acc=acc, epoch=epoch + 1, stale=0,
+                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        else:
+            best["stale"] += 1
 
     def epoch_batches():
         for _ in range(epochs):
+            if val is not None and cfg.patience is not None and best["stale"] >= cfg.patience:
+                return
             perm = torch.randperm(len(x), generator=g)
             yield _take(perm, steps_per_epoch, cfg.batch_size, left)
 
@@ -163,7 +190,10 @@ def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, *,
             on_batch(epoch, idx, logits.detach())
 
     train_loop(model, opt, epoch_batches(), loss_fn, scheduler=sched, after_step=after, total=total,
-               desc="training", progress=progress)
+               desc="training", progress=progress, on_epoch=None if val is None else on_epoch)
+    if val is not None:
+        model.load_state_dict(best["state"])
+        model.fit_info = {"best_epoch": best["epoch"], "epochs_run": best["epochs"], "val_accuracy": best["acc"]}
     return model.eval()
 
 
@@ -187,15 +217,27 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train_subset(ds, keep: np.ndarray | None, cfg: TrainConfig, *, test=None, distill: bool = False,
-                 teacher_cfg: TrainConfig | None = None, teacher=None, progress: bool = False, encoder: str = "auto") -> dict:
+                 teacher_cfg: TrainConfig | None = None, teacher=None, progress: bool = False, encoder: str = "auto",
+                 val: np.ndarray | None = None) -> dict:
     """Train on ``ds[keep]`` (all of it when ``keep`` is None), optionally distilled from a teacher trained on all
-    of ``ds`` (or the given one); report accuracy on ``test`` (when given) and timings."""
+    of ``ds`` (or the given one); report accuracy on ``test`` (when given) and timings. ``val``: indices of ``ds``
+    held out for early stopping (:func:`prunekit.data.select.validation_split`); they may not overlap ``keep``,
+    and the teacher does not see them either."""
     cfg.check()
     if teacher_cfg is not None:
         teacher_cfg.check()
     y_all = torch.from_numpy(ds.require_labels("Training"))
     x_all = features(ds, encoder, progress=progress)
     keep_t = torch.arange(len(ds)) if keep is None else torch.as_tensor(np.asarray(keep), dtype=torch.long)
+    val_xy = None
+    if val is not None:
+        val = np.asarray(val, dtype=np.int64)
+        if keep is None:
+            keep_t = torch.from_numpy(np.setdiff1d(np.arange(len(ds)), val))
+        if len(val) == 0 or np.isin(val, keep_t.numpy()).any():
+            raise PruneError("The validation split must be non-empty and share no example with the kept subset; "
+                             "carve it with validation_split and prune the rest.")
+        val_xy = (x_all[torch.from_numpy(val)], y_all[torch.from_numpy(val)])
     x_te = y_te = None
     if test is not None:
         x_te, y_te = features(test, encoder, progress=progress), torch.from_numpy(test.require_labels("Testing"))
@@ -204,7 +246,8 @@ def train_subset(ds, keep: np.ndarray | None, cfg: TrainConfig, *, test=None, di
     if distill:
         t0 = time.perf_counter()
         if teacher is None:
-            teacher = fit(x_all, y_all, ds.num_classes, teacher_cfg or cfg, progress=progress)
+            seen = torch.arange(len(ds)) if val is None else torch.from_numpy(np.setdiff1d(np.arange(len(ds)), val))
+            teacher = fit(x_all[seen], y_all[seen], ds.num_classes, teacher_cfg or cfg, progress=progress, val=val_xy)
         t_logits = predict(teacher, x_all)[keep_t]
         out["teacher_seconds"] = time.perf_counter() - t0
         if x_te is not None:
@@ -212,9 +255,11 @@ def train_subset(ds, keep: np.ndarray | None, cfg: TrainConfig, *, test=None, di
     t0 = time.perf_counter()
     # normalize with the full data's statistics: a subset's own statistics would be another variable
     model = fit(x_all[keep_t], y_all[keep_t], ds.num_classes, cfg, teacher_logits=t_logits, progress=progress,
-                stats_from=x_all)
+                stats_from=x_all, val=val_xy)
     out["train_seconds"] = time.perf_counter() - t0
     if x_te is not None:
         out["test_accuracy"] = accuracy(model, x_te, y_te)
+    if val_xy is not None:
+        out.update(model.fit_info)
     out["model"] = model
     return out

@@ -44,6 +44,7 @@ class ScoreConfig(Config):
     clusters: int | None = None  # prototype: default = number of classes (10 without labels)
     embed_dim: int = 64
     image_size: int = 64
+    ssl_steps: int = 1500  # encoder simclr: training steps of the self-supervised encoder (prunekit.data.ssl)
 
     what = "data score"
     flags = True
@@ -61,7 +62,8 @@ class ScoreConfig(Config):
 
     def check(self, n: int | None = None) -> None:
         """One sentence for a value no score can use (``n``: examples in the data set)."""
-        _check_ints(self, ("seed", 0), ("seeds", 1), ("batch_size", 1), ("width", 1), ("embed_dim", 1), ("image_size", 1))
+        _check_ints(self, ("seed", 0), ("seeds", 1), ("batch_size", 1), ("width", 1), ("embed_dim", 1), ("image_size", 1),
+                    ("ssl_steps", 1))
         if self.epochs is not None and self.epochs < 0:
             raise PruneError(f"--epochs must be 0 or more, got {self.epochs}.")
         if self.clusters is not None:

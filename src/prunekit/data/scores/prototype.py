@@ -13,7 +13,10 @@ from prunekit.data.scores import SCORES, ScoreResult
 @SCORES.register("prototype", description="distance to the nearest k-means prototype (no labels)", needs_labels=False)
 def score(ds, cfg, engine=None, progress=False):
     enc = resolve(ds, cfg.encoder)
-    z = embed(ds, enc, engine=engine, seed=cfg.seed, dim=cfg.embed_dim, image_size=cfg.image_size, progress=progress)
+    from prunekit.data.ssl import SSLConfig
+
+    z = embed(ds, enc, engine=engine, seed=cfg.seed, dim=cfg.embed_dim, image_size=cfg.image_size, progress=progress,
+              ssl=SSLConfig(steps=cfg.ssl_steps, seed=cfg.seed) if enc == "simclr" else None)
     k = cfg.clusters or (ds.num_classes if ds.y is not None else 10)
     cl = kmeans(z, min(k, len(ds)), seed=cfg.seed, engine=engine)
     c = cl.centroids / np.maximum(np.linalg.norm(cl.centroids, axis=1, keepdims=True), 1e-12)
