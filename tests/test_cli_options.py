@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import invoke
 
-COMMANDS = [["prune"], ["recover"], ["train-prune"], ["data", "score"], ["data", "select"], ["data", "train"]]
+COMMANDS = [["prune"], ["recover"], ["train-prune"], ["data", "score"], ["data", "select"], ["data", "train"],
+            ["data", "select-for-target"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)

@@ -9,6 +9,10 @@ Python API (mirrors ``prunekit data score|select|train``)::
     keep = data.select(res.values, 0.3, "ccs", beta=0.1, labels=ds.y)
     data.save_keep("keep.parquet", keep, len(ds), ...)
     out = data.train_subset(ds, keep, data.TrainConfig(), test=data.load_dataset("fashion-mnist", "test"), distill=True)
+
+Also: ``data.select.validation_split`` + ``train_subset(val=...)`` (early stopping, never on the test set);
+``data.ssl`` (a SimCLR encoder trained on the data itself: ``--encoder simclr`` prototypes); ``data.transfer``
+(DP4TL: prune a source data set for a target task); ``data.compose`` (prune-combine-augment under a byte budget).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`prunekit data score|select|train`: thin wrappers over ``prunekit.data`` (errors: PruneError -> exit 2)."""
+"""`prunekit data score|select|train|select-for-target`: thin wrappers over ``prunekit.data`` (PruneError -> exit 2)."""
 
 from __future__ import annotations
 
@@ -82,8 +82,9 @@ def score_cmd(
     epochs: Annotated[Optional[int], typer.Option(help="epochs per run (default 2 for el2n/grand/entropy, 6 for forgetting/aum; grand: 0 = at init)")] = None,
     model: Annotated[str, typer.Option(help="auto (fast-cnn for images, mlp otherwise) | fast-cnn | mlp | linear")] = "auto",
     grand_params: Annotated[str, typer.Option(help="grand: all (exact per-example gradients) | last (classifier layer)")] = "all",
-    encoder: Annotated[str, typer.Option(help="prototype/embeddings: auto | efficientnet-lite0 | pca | pixels | minilm")] = "auto",
+    encoder: Annotated[str, typer.Option(help="prototype/embeddings: auto | efficientnet-lite0 | simclr (self-supervised, trained on DATASET, cached) | pca | pixels | minilm")] = "auto",
     clusters: Annotated[Optional[int], typer.Option(help="prototype: k-means clusters (default: number of classes, or 10)")] = None,
+    ssl_steps: Annotated[int, typer.Option(help="--encoder simclr: training steps of the self-supervised encoder")] = 1500,
     with_embeddings: Annotated[bool, typer.Option("--with-embeddings", help="also store embeddings and clusters (for --strategy dbp / semdedup)")] = False,
     engine: Annotated[str, typer.Option(help="local | ray (Ray Data; local Ray unless --ray-address)")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address, e.g. ray://host:10001")] = None,
@@ -95,11 +96,11 @@ def score_cmd(
     """Score every example of DATASET (one float each, higher = harder) into a Parquet file."""
     start(progress)
     _v = _with_recipe(ctx, recipe, dict(dataset=dataset, out=out, score=score, split=split, seed=seed, seeds=seeds,
-        epochs=epochs, model=model, grand_params=grand_params, encoder=encoder, clusters=clusters,
+        epochs=epochs, model=model, grand_params=grand_params, encoder=encoder, clusters=clusters, ssl_steps=ssl_steps,
         with_embeddings=with_embeddings, engine=engine, ray_address=ray_address, overwrite=overwrite,
         text_column=text_column, label_column=label_column, labels=labels, image_size=image_size))
-    (dataset, out, score, split, seed, seeds, epochs, model, grand_params, encoder, clusters, with_embeddings, engine,
-        ray_address, overwrite, text_column, label_column, labels, image_size) = _v.values()
+    (dataset, out, score, split, seed, seeds, epochs, model, grand_params, encoder, clusters, ssl_steps, with_embeddings,
+        engine, ray_address, overwrite, text_column, label_column, labels, image_size) = _v.values()
     from prunekit.data import SCORES, ScoreConfig, save_scores
     from prunekit.data import score as run_score
     from prunekit.data.engine import ENGINES
@@ -108,7 +109,7 @@ def score_cmd(
     if engine not in ENGINES:
         raise PruneError(f"Unknown engine {engine!r}; use local or ray.")
     cfg = ScoreConfig.make(seed=seed, seeds=seeds, epochs=epochs, model=model, grand_params=grand_params, encoder=encoder,
-                      clusters=clusters)
+                      clusters=clusters, ssl_steps=ssl_steps)
     cfg.check()
     _check_out(out, overwrite)
     ds = _load(dataset, split, text_column, label_column, labels, image_size)
@@ -253,3 +254,68 @@ def train_cmd(
     print(f"trained on {res['kept']:,}/{res['total']:,} ({res['fraction']:.1%}) in {res['train_seconds']:.1f}s: {acc}{extra}"
           + (f"; saved {out}" if out else ""))
     json.dumps(res)  # metrics stay JSON-serializable
+
+
+@data_app.command("select-for-target")
+def select_for_target_cmd(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="the source data set to prune before pre-training (same forms as DATASET)")],
+    target: Annotated[str, typer.Option(help="the target data set (its training split; labels not needed)")],
+    out: Annotated[Path, out_option("output .parquet with the kept source indices")],
+    keep: Annotated[Optional[float], typer.Option(help="fraction of the source examples to keep, in (0, 1]")] = None,
+    method: Annotated[str, typer.Option(help="label (label mapping: classes the target maps to) | feature (feature mapping: clusters near the target)")] = "label",
+    soft: Annotated[bool, typer.Option("--soft", help="label: sum the softmax over source classes instead of top-1 counts")] = False,
+    clusters: Annotated[int, typer.Option(help="feature: k-means clusters of the source")] = 50,
+    target_clusters: Annotated[int, typer.Option(help="feature: k-means centroids of the target (1 = its mean)")] = 10,
+    epochs: Annotated[int, typer.Option(help="epochs of the source model on the whole source")] = 5,
+    steps: Annotated[Optional[int], typer.Option(help="train the source model a fixed number of steps instead of --epochs")] = None,
+    model: Annotated[str, typer.Option(help="source model: auto (fast-cnn for images, mlp otherwise) | fast-cnn | mlp | linear")] = "auto",
+    split: Annotated[str, typer.Option(help="built-in source: the split pruned")] = "train",
+    seed: Annotated[int, seed_option("seed of the source model, the clustering and the partial group")] = 0,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
+    text_column: TextCol = "text", label_column: LabelCol = "label", labels: LabelsOpt = None, image_size: ImageSize = 32,
+    recipe: DataRecipe = None,
+) -> None:
+    """Prune a source data set for transfer to a target task (DP4TL: label or feature mapping)."""
+    start(progress)
+    _v = _with_recipe(ctx, recipe, dict(source=source, target=target, out=out, keep=keep, method=method, soft=soft,
+        clusters=clusters, target_clusters=target_clusters, epochs=epochs, steps=steps, model=model, split=split,
+        seed=seed, overwrite=overwrite, text_column=text_column, label_column=label_column, labels=labels,
+        image_size=image_size))
+    (source, target, out, keep, method, soft, clusters, target_clusters, epochs, steps, model, split, seed, overwrite,
+        text_column, label_column, labels, image_size) = _v.values()
+    from prunekit.data import TrainConfig, save_keep
+    from prunekit.data.select import check_keep
+    from prunekit.data.train import auto_model, model_name
+    from prunekit.data.transfer import METHODS, select_for_target
+
+    if method not in METHODS:
+        raise PruneError(f"Unknown method {method!r}; use label (label mapping) or feature (feature mapping).")
+    check_keep(keep)
+    for name, v in (("--clusters", clusters), ("--target-clusters", target_clusters), ("--epochs", epochs)):
+        if v < 1:
+            raise PruneError(f"{name} must be at least 1, got {v}.")
+    if steps is not None and steps < 1:
+        raise PruneError(f"--steps must be at least 1, got {steps}.")
+    TrainConfig.make(model=model, epochs=epochs, seed=seed, steps=steps).check()
+    _check_out(out, overwrite)
+    src = _load(source, split, text_column, label_column, labels, image_size)
+    tgt = _load(target, "train", text_column, label_column, None, image_size)
+    kind = model_name(model) if model != "auto" else auto_model(src.kind)
+    cfg = TrainConfig.make(model=kind, epochs=epochs, seed=seed, steps=steps)
+    _say(f"training a {kind} on all {len(src):,} examples of {src.name}, then mapping {len(tgt):,} examples of "
+         f"{tgt.name} onto it ({method} mapping) ...")
+    res = select_for_target(src, tgt, method, keep, cfg=cfg, seed=seed, soft=soft, clusters=clusters,
+                            target_clusters=target_clusters, progress=progress)
+    idx = res.keep
+    save_keep(out, idx, len(src), {"dataset": src.name, "split": src.meta.get("split"), "strategy": f"dp4tl-{method}",
+                                   "target": tgt.name, "fingerprint": src.fingerprint()},
+              recipe={"method": method, "keep": keep, "soft": soft, "clusters": clusters,
+                      "target_clusters": target_clusters, "seed": seed, **cfg.model_dump()})
+    line = f"kept {len(idx):,} of {len(src):,} ({len(idx) / len(src):.1%}) by {method} mapping to {tgt.name}"
+    if src.y is not None:
+        import numpy as np
+
+        line += f"; per class {[int(c) for c in np.bincount(src.y[idx], minlength=src.num_classes)]}"
+    print(line + f"; saved {out}")

@@ -5,8 +5,8 @@ label (they used SwAV on ImageNet); k-means in its space, distance to the neares
 The encoder is a small CNN (three 3x3 convolutions with BatchNorm, global average pooling: ``width``, 2x, 2x
 channels), a two-layer projection head for the NT-Xent loss (two augmented views of every image in a batch, the
 other 2B - 2 views as negatives, temperature ``temperature``). Augmentation is batched in torch: random resized
-crop (scale 0.35-1, aspect 3/4-4/3) and horizontal flip through one affine grid, brightness/contrast jitter,
-Gaussian noise. Embeddings are the pooled features before the projection head (as in SimCLR), L2-normalized.
+crop (area 0.35-1, aspect 3/4-4/3) and horizontal flip (one affine grid, shared with prune-combine-augment),
+brightness/contrast jitter, Gaussian noise. Embeddings are the pooled features before the projection head (as in SimCLR), L2-normalized.
 
 ``encoder_for(ds, cfg)`` trains it once per data set and config and caches it under
 ``$PRUNEKIT_CACHE/ssl/<key>/`` (safetensors weights + a JSON of the config and the data's fingerprint; never a
@@ -82,18 +82,13 @@ def _as_images(x: np.ndarray) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """One random view of every image of the batch ``x`` [B, C, H, W] in [0, 1] (see the module docstring)."""
+    """One random view of every image of the batch ``x`` [B, C, H, W] in [0, 1]: the data family's batched random
+    resized crop + flip (:func:`prunekit.data.compose.random_resized_crop`, area 0.35-1), then brightness / contrast
+    jitter and Gaussian noise."""
+    from prunekit.data.compose import random_resized_crop
+
     b = x.shape[0]
-    scale = torch.empty(b).uniform_(0.35, 1.0, generator=g)
-    logr = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
-    sx, sy = (scale * logr.exp()).sqrt().clamp(max=1), (scale / logr.exp()).sqrt().clamp(max=1)
-    tx = (torch.rand(b, generator=g) * 2 - 1) * (1 - sx)
-    ty = (torch.rand(b, generator=g) * 2 - 1) * (1 - sy)
-    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    v = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    v = random_resized_crop(x, g, scale=(0.35, 1.0))
     bright = torch.empty(b, 1, 1, 1).uniform_(-0.2, 0.2, generator=g)
     contrast = torch.empty(b, 1, 1, 1).uniform_(0.7, 1.3, generator=g)
     mean = v.mean((1, 2, 3), keepdim=True)
