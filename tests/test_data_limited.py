@@ -163,3 +163,31 @@ def test_prototype_score_with_the_simclr_encoder(tmp_path, monkeypatch):
         from prunekit.data.datasets import DataSet
 
         resolve(DataSet("a", "array", np.zeros((3, 2), np.float32)), "simclr")
+
+
+def test_cli_train_with_early_stopping(tmp_path):
+    """`prunekit data train --val-size`: the validation examples come from outside the subset, the metrics say
+    which epoch was kept; a split larger than what is left, or --patience alone, is one sentence and exit 2."""
+    import json
+
+    from prunekit.data import save_keep
+    from tests.conftest import invoke
+
+    ds = load_dataset("digits")
+    keep = np.arange(0, 600)
+    k = tmp_path / "keep.parquet"
+    save_keep(k, keep, len(ds), {"dataset": ds.name, "split": "train", "strategy": "random",
+                                 "fingerprint": ds.fingerprint()})
+    m = tmp_path / "m.json"
+    rc, out, err = invoke("data", "train", "digits", "--subset", k, "--model", "mlp", "--epochs", "6",
+                          "--val-size", "200", "--patience", "3", "--out", m, "--quiet")
+    assert rc == 0, err
+    metrics = json.loads(m.read_text())["metrics"]
+    assert metrics["kept"] == 600 and 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 6
+    assert "early stopping on 200 held-out examples" in out
+    for args, phrase in ((["--val-size", "748"], "smaller --val-size"), (["--val-size", "0"], "at least 1"),
+                         (["--patience", "2"], "add --val-size")):
+        m2 = tmp_path / "bad.json"
+        rc, _, err = invoke("data", "train", "digits", "--subset", k, "--model", "mlp", "--epochs", "1", *args,
+                            "--out", m2, "--quiet")
+        assert rc == 2 and phrase in err and not m2.exists(), (args, err)

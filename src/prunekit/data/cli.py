@@ -187,6 +187,8 @@ def train_cmd(
     seed: Annotated[int, seed_option("training seed")] = 0,
     split: Annotated[str, typer.Option(help="built-in data sets: the split trained on")] = "train",
     test: Annotated[Optional[str], typer.Option(help="data set to test on (default: the built-in's test split)")] = None,
+    val_size: Annotated[Optional[int], typer.Option(help="early stopping: hold out this many examples (stratified) from those the subset does not keep (from all without --subset) and keep the best validation check")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="with --val-size: stop after this many checks without a better validation accuracy")] = None,
     out: Annotated[Optional[Path], out_option("write the metrics as JSON here")] = None,
     overwrite: Overwrite = False,
     progress: Progress = True,
@@ -197,10 +199,10 @@ def train_cmd(
     start(progress)
     _v = _with_recipe(ctx, recipe, dict(dataset=dataset, subset=subset, distill=distill, epochs=epochs, steps=steps,
         teacher_epochs=teacher_epochs, model=model, temperature=temperature, alpha=alpha, lr=lr,
-        batch_size=batch_size, seed=seed, split=split, test=test, out=out, overwrite=overwrite,
-        text_column=text_column, label_column=label_column, labels=labels, image_size=image_size))
+        batch_size=batch_size, seed=seed, split=split, test=test, val_size=val_size, patience=patience, out=out,
+        overwrite=overwrite, text_column=text_column, label_column=label_column, labels=labels, image_size=image_size))
     (dataset, subset, distill, epochs, steps, teacher_epochs, model, temperature, alpha, lr, batch_size, seed, split,
-        test, out, overwrite, text_column, label_column, labels, image_size) = _v.values()
+        test, val_size, patience, out, overwrite, text_column, label_column, labels, image_size) = _v.values()
     from prunekit.data import TrainConfig, load_keep, train_subset
     from prunekit.data.train import auto_model, model_name
     from prunekit.data.datasets import has_test_split
@@ -216,8 +218,12 @@ def train_cmd(
         raise PruneError(f"--steps must be at least 1, got {steps}.")
     if teacher_epochs is not None and teacher_epochs < 1:
         raise PruneError(f"--teacher-epochs must be at least 1, got {teacher_epochs}.")
+    if val_size is not None and val_size < 1:
+        raise PruneError(f"--val-size must be at least 1, got {val_size}.")
+    if patience is not None and val_size is None:
+        raise PruneError("--patience needs a validation split; add --val-size N.")
     TrainConfig.make(model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
-                alpha=alpha, steps=steps).check()
+                alpha=alpha, steps=steps, patience=patience).check()
     if out is not None:
         from prunekit.io import check_output_file
 
@@ -231,26 +237,46 @@ def train_cmd(
         test_ds = _load(test, "test", text_column, label_column, labels, image_size)
     elif has_test_split(dataset) and split == "train":
         test_ds = _load(dataset, "test", text_column, label_column, labels, image_size)
+    val = None
+    if val_size is not None:
+        import numpy as np
+
+        from prunekit.data.select import validation_split
+
+        outside = np.arange(len(ds)) if keep is None else np.setdiff1d(np.arange(len(ds)), keep)
+        need = val_size + (1 if keep is None else 0)  # without --subset, something must be left to train on
+        if need > len(outside):
+            raise PruneError(f"--val-size {val_size} needs more examples than the {len(outside):,} "
+                             + ("in the data set" if keep is None else "the subset does not keep")
+                             + "; give a smaller --val-size.")
+        if val_size == len(outside):
+            val = outside
+        else:
+            val = outside[validation_split(ds.require_labels("Early stopping")[outside], val_size, seed=seed)[1]]
     kind = model_name(model) if model != "auto" else auto_model(ds.kind)
     cfg = TrainConfig.make(model=kind, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, temperature=temperature,
-                      alpha=alpha, steps=steps)
+                      alpha=alpha, steps=steps, patience=patience)
     tcfg = TrainConfig.make(**{**cfg.model_dump(), "epochs": teacher_epochs or epochs, "steps": None})
-    n_keep = len(ds) if keep is None else len(keep)
+    n_keep = (len(ds) - (0 if val is None else len(val))) if keep is None else len(keep)
     _say(f"training a {kind} on {n_keep:,} of {len(ds):,} examples for " + (f"{steps} steps" if steps else f"{epochs} epochs")
          + (f", distilled from a teacher trained on all of them ({tcfg.epochs} epochs)" if distill else "") + " ...")
-    res = train_subset(ds, keep, cfg, test=test_ds, distill=distill, teacher_cfg=tcfg, progress=progress)
+    res = train_subset(ds, keep, cfg, test=test_ds, distill=distill, teacher_cfg=tcfg, progress=progress, val=val)
     res.pop("model")
     res.update(dataset=ds.name, subset=str(subset) if subset else None)
     if out is not None:
         from prunekit.io import record
 
-        metrics = {k: res[k] for k in ("test_accuracy", "teacher_test_accuracy", "kept", "total", "fraction") if k in res}
+        metrics = {k: res[k] for k in ("test_accuracy", "teacher_test_accuracy", "kept", "total", "fraction",
+                                       "best_epoch", "epochs_run", "val_accuracy") if k in res}
         timings = {k: res[k] for k in ("train_seconds", "teacher_seconds") if k in res}
         write_json(out, record("data-train", {**cfg.model_dump(), "distill": distill,
                                               **({"teacher": tcfg.model_dump()} if distill else {})},
                                metrics=metrics, timings=timings, dataset=ds.name, subset=res["subset"]))
     acc = f"test accuracy {res['test_accuracy']:.4f}" if "test_accuracy" in res else "no test set (give --test)"
     extra = f" (teacher {res['teacher_test_accuracy']:.4f})" if "teacher_test_accuracy" in res else ""
+    if "best_epoch" in res:
+        extra += (f"; early stopping on {len(val):,} held-out examples kept epoch {res['best_epoch']} of "
+                  f"{res['epochs_run']} (validation accuracy {res['val_accuracy']:.4f})")
     print(f"trained on {res['kept']:,}/{res['total']:,} ({res['fraction']:.1%}) in {res['train_seconds']:.1f}s: {acc}{extra}"
           + (f"; saved {out}" if out else ""))
     json.dumps(res)  # metrics stay JSON-serializable
