@@ -139,16 +139,14 @@ def train_student(stored, num_classes: int, cfg, *, labels=None, teacher: nn.Mod
                   augment: bool = False, scale=(0.25, 1.0), flip: bool = True, model: nn.Module | None = None,
                   stats_from: torch.Tensor | None = None, progress: bool = False) -> nn.Module:
     """Train a student on ``stored`` (uint8 images/canvases, or model inputs ``[N, C, H, W]``) for ``cfg.steps``
-    steps (or ``cfg.epochs``) with :func:`prunekit.core.loop.train_loop`, AdamW and a one-cycle schedule like
-    :func:`prunekit.data.train.fit`.
+    steps (or ``cfg.epochs``): :func:`prunekit.data.train.fit` with a teacher on every (augmented) batch.
 
     Targets: ``teacher`` alone gives soft labels (``kd_loss`` at ``cfg.temperature``) computed on each batch as the
     student sees it (after augmentation); ``labels`` alone, cross-entropy; both, ``(1 - alpha) CE + alpha KD``.
     ``augment``: :func:`random_resized_crop` (``scale``, ``flip``) on every batch. ``model``: train this model (e.g.
     a pre-trained one with a new head: fine-tuning) instead of a fresh ``cfg.model``; ``stats_from``: inputs whose
     per-channel mean/std standardize a fresh model (default: ``stored``). Deterministic for ``cfg.seed``."""
-    from prunekit.core.loop import kd_loss, make_optimizer, make_schedule, train_loop
-    from prunekit.data.train import Standardize, _stats, _take, build_model
+    from prunekit.data.train import fit
 
     cfg.check()
     if labels is None and teacher is None:
@@ -165,36 +163,9 @@ def train_student(stored, num_classes: int, cfg, *, labels=None, teacher: nn.Mod
     lo, hi = float(scale[0]), float(scale[1])
     if not 0.0 < lo <= hi <= 1.0:
         raise PruneError(f"The crop scale must be 0 < low <= high <= 1, got {tuple(scale)}.")
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    if model is None:
-        mean, std = _stats(stats_from if stats_from is not None else x)
-        model = Standardize(mean, std, build_model(cfg.model, x, num_classes, cfg.width))
-    if teacher is not None:
-        teacher.eval()
-    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
-    total = max(1, cfg.steps if cfg.steps else cfg.epochs * steps_per_epoch)
-    opt = make_optimizer(model.parameters(), "adamw", cfg.lr, cfg.weight_decay)
-    sched = make_schedule(opt, "onecycle", total, pct_start=0.15)
-    left = {"steps": total}
 
-    def epochs():
-        for _ in range(math.ceil(total / steps_per_epoch)):
-            yield _take(torch.randperm(len(x), generator=g), steps_per_epoch, cfg.batch_size, left)
+    def crop(xb, g):
+        return random_resized_crop(xb, g, (lo, hi), flip=flip)
 
-    def loss_fn(model, idx):
-        xb = x[idx]
-        if augment:
-            xb = random_resized_crop(xb, g, (lo, hi), flip=flip)
-        logits = model(xb)
-        if teacher is None:
-            return F.cross_entropy(logits, labels[idx]), logits
-        with torch.no_grad():
-            t = teacher(xb)
-        kd = kd_loss(logits, t, cfg.temperature)
-        if labels is None:
-            return kd, logits
-        return (1 - cfg.alpha) * F.cross_entropy(logits, labels[idx]) + cfg.alpha * kd, logits
-
-    train_loop(model, opt, epochs(), loss_fn, scheduler=sched, total=total, desc="student", progress=progress)
-    return model.eval()
+    return fit(x, labels, num_classes, cfg, teacher=teacher, transform=crop if augment else None, model=model,
+               stats_from=stats_from, progress=progress, desc="student")

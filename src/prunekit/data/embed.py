@@ -170,11 +170,7 @@ def _simclr_rows(payload, idx):
     if _MODELS.get("simclr_key") != id(state):
         from prunekit.data.ssl import Encoder
 
-        import torch
-
         m = Encoder(*shape)
-        m.register_buffer("in_mean", torch.zeros(1))
-        m.register_buffer("in_std", torch.ones(1))
         m.load_state_dict(state)
         _MODELS["simclr"], _MODELS["simclr_key"] = m.eval(), id(state)
     from prunekit.data.ssl import embed_images

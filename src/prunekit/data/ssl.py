@@ -68,6 +68,8 @@ class Encoder(nn.Module):
         self.features = nn.Sequential(*block(in_ch, w, 1), *block(w, 2 * w, 2), *block(2 * w, 4 * w, 2),
                                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Sequential(nn.Linear(4 * w, 4 * w), nn.ReLU(inplace=True), nn.Linear(4 * w, proj_dim))
+        self.register_buffer("in_mean", torch.zeros(1))  # the training images' pixel mean / std (set by training)
+        self.register_buffer("in_std", torch.ones(1))
 
     def embed(self, x):
         return self.features(x)
@@ -120,8 +122,8 @@ def train_encoder(ds, cfg: SSLConfig | None = None, progress: bool = False) -> E
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     model = Encoder(x.shape[1], cfg.width, cfg.proj_dim)
-    model.register_buffer("in_mean", mean.reshape(1))
-    model.register_buffer("in_std", std.reshape(1))
+    model.in_mean.fill_(float(mean))
+    model.in_std.fill_(float(std))
     bs = min(cfg.batch_size, len(x))
     opt = make_optimizer(model.parameters(), "adamw", cfg.lr, cfg.weight_decay)
     sched = make_schedule(opt, "onecycle", cfg.steps, pct_start=0.1)
@@ -185,8 +187,6 @@ def encoder_for(ds, cfg: SSLConfig | None = None, *, cache: Path | None = None, 
     in_ch = 1 if ds.x.ndim == 3 else ds.x.shape[3]
     if (folder / "encoder.safetensors").exists():
         model = Encoder(in_ch, cfg.width, cfg.proj_dim)
-        model.register_buffer("in_mean", torch.zeros(1))
-        model.register_buffer("in_std", torch.ones(1))
         model.load_state_dict(load_file(str(folder / "encoder.safetensors")))
         return model.eval()
     model = train_encoder(ds, cfg, progress=progress)

@@ -80,7 +80,7 @@ class TrainConfig(Config):
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the distillation term when a teacher is given
     steps: int | None = None  # a fixed number of optimizer steps instead of epochs (the same compute for any subset size)
-    patience: int | None = None  # with a validation split: stop after this many epochs without a better accuracy
+    patience: int | None = None  # with a validation split: stop after this many checks without a better accuracy
 
     what = "data training"
     flags = True
@@ -133,9 +133,12 @@ def _stats(x: torch.Tensor):
 
 def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, *, teacher_logits: torch.Tensor | None = None,
         on_batch: Callable | None = None, progress: bool = False, stats_from: torch.Tensor | None = None,
-        val: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
-    """Train a fresh model on (x, y). ``on_batch(epoch, idx, logits)`` sees every minibatch's logits (forgetting,
-    AUM). ``teacher_logits`` (aligned with x) switch on distillation. Deterministic for a seed.
+        val: tuple[torch.Tensor, torch.Tensor] | None = None, teacher: nn.Module | None = None,
+        transform: Callable | None = None, model: nn.Module | None = None, desc: str = "training") -> nn.Module:
+    """Train a fresh model (or ``model``: fine-tuning) on (x, y). ``on_batch(epoch, idx, logits)`` sees every
+    minibatch's logits (forgetting, AUM). ``teacher_logits`` (aligned with x) switch on distillation; ``teacher`` (a
+    module) gives them on each batch as the student sees it, after ``transform(batch, generator)`` (augmentation);
+    ``y`` may then be None (soft labels only). Deterministic for a seed.
 
     ``val = (x_val, y_val)`` (a split carved from the training data, never the test set) switches on early stopping:
     accuracy on it after every epoch (every few epochs when there are more than 40), the best checked epoch's
@@ -146,8 +149,11 @@ def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, *,
     cfg.check()
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    mean, std = _stats(stats_from if stats_from is not None else x)
-    model = Standardize(mean, std, build_model(cfg.model, x, num_classes, cfg.width, cfg.hidden))
+    if model is None:
+        mean, std = _stats(stats_from if stats_from is not None else x)
+        model = Standardize(mean, std, build_model(cfg.model, x, num_classes, cfg.width, cfg.hidden))
+    if teacher is not None:
+        teacher.eval()
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = max(1, cfg.steps if cfg.steps else cfg.epochs * steps_per_epoch)
     epochs = math.ceil(total / steps_per_epoch)
@@ -178,11 +184,18 @@ def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, *,
             yield _take(perm, steps_per_epoch, cfg.batch_size, left)
 
     def loss_fn(model, idx):
-        logits = model(x[idx])
-        loss = F.cross_entropy(logits, y[idx])
-        if teacher_logits is not None:
-            loss = (1 - cfg.alpha) * loss + cfg.alpha * kd_loss(logits, teacher_logits[idx], cfg.temperature)
-        return loss, logits
+        xb = x[idx] if transform is None else transform(x[idx], g)
+        logits = model(xb)
+        soft = None if teacher_logits is None else teacher_logits[idx]
+        if teacher is not None:
+            with torch.no_grad():
+                soft = teacher(xb)
+        if soft is None:
+            return F.cross_entropy(logits, y[idx]), logits
+        kd = kd_loss(logits, soft, cfg.temperature)
+        if y is None:
+            return kd, logits
+        return (1 - cfg.alpha) * F.cross_entropy(logits, y[idx]) + cfg.alpha * kd, logits
 
     after = None
     if on_batch is not None:
@@ -190,7 +203,7 @@ def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, *,
             on_batch(epoch, idx, logits.detach())
 
     train_loop(model, opt, epoch_batches(), loss_fn, scheduler=sched, after_step=after, total=total,
-               desc="training", progress=progress, on_epoch=None if val is None else on_epoch)
+               desc=desc, progress=progress, on_epoch=None if val is None else on_epoch)
     if val is not None:
         model.load_state_dict(best["state"])
         model.fit_info = {"best_epoch": best["epoch"], "epochs_run": best["epochs"], "val_accuracy": best["acc"]}
