@@ -15,12 +15,14 @@ from prunekit.core.progress import say
 from prunekit.data.cli import data_app
 from prunekit.tokens.cli import tokens_app
 from prunekit.context.cli import context_app
+from prunekit.diffusion.cli import diffusion_app
 from prunekit.errors import PruneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prune neural networks, measured honestly.")
 app.add_typer(data_app, name="data")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(context_app, name="context")
+app.add_typer(diffusion_app, name="diffusion")
 
 
 _say = say
@@ -35,7 +37,7 @@ def zoo(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = Fa
     if as_json:
         print(json.dumps([a.to_dict() for a in items], indent=2))
         return
-    for family in ("llm", "vision", "data", "tokens", "context"):
+    for family in ("llm", "vision", "data", "tokens", "context", "diffusion"):
         print(f"{family}:")
         for a in (x for x in items if x.family == family):
             mark = "ok     " if a.available() else "missing"

@@ -136,7 +136,8 @@ def _versions() -> dict:
 
 
 SCHEMA = 1
-RUN_KINDS = ("llm", "vision", "data-score", "data-subset", "data-train", "tokens", "context", "context-scorer")
+RUN_KINDS = ("llm", "vision", "data-score", "data-subset", "data-train", "tokens", "context", "context-scorer",
+             "diffusion")
 
 
 def record(kind: str, recipe: dict | None = None, *, metrics: dict | None = None, timings: dict | None = None,

