@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_parts
 
 CACHE = Path.home() / ".cache" / "prunekit" / "benchmarks" / "diffusion"
-PARTS = ("dense", "sweep", "methods", "ldpruner", "aptp", "tome")
+PARTS = ("dense", "methods", "aptp", "ldpruner", "tome", "peer", "sweep")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -45,7 +45,7 @@ class Ctx:
     samples: int = 500
     steps: int = 20
     guidance: float = 2.0
-    finetune: int = 300
+    finetune: int = 250
     _memo: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -78,14 +78,14 @@ class Ctx:
     def _path(self, key: str) -> Path:
         return CACHE / self.tag / key
 
-    def measure(self, label: str, recipe=None, build=None) -> dict:
+    def measure(self, label: str, recipe=None, build=None, spec: dict | None = None) -> dict:
         """Prune the reference with ``recipe`` (or ``build(ref) -> (pipe, rows)``), evaluate, memoize on disk by
-        the label + recipe + evaluation settings. Returns the row (and keeps the first 20 samples for the grid)."""
+        the label + recipe (or ``spec``, the settings of a ``build``) + evaluation settings. Returns the row (and keeps the first 20 samples for the grid)."""
         from prunekit.diffusion import prune
         from prunekit.diffusion.evaluate import evaluate, generate
 
         spec = {"label": label, "recipe": None if recipe is None else recipe.model_dump(mode="json"),
-                "samples": self.samples, "steps": self.steps, "guidance": self.guidance}
+                "samples": self.samples, "steps": self.steps, "guidance": self.guidance, "spec": spec}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
         p = self._path(key + ".json")
         if p.exists():
@@ -144,7 +144,7 @@ def make_ctx(args) -> Ctx:
 def add_args(ap) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--samples", type=int, default=500)
-    ap.add_argument("--finetune", type=int, default=300, help="fine-tune steps after structural pruning")
+    ap.add_argument("--finetune", type=int, default=250, help="fine-tune steps after structural pruning")
 
 
 if __name__ == "__main__":

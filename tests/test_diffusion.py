@@ -340,3 +340,16 @@ def test_cli_end_to_end_on_fashion_mnist(tmp_path):
     m = json.loads((tmp_path / "m.json").read_text())
     assert 0.0 <= m["class_fidelity"] <= 1.0 and m["fid"] > 0 and m["unet_macs"] > 0
     assert len(m["class_fidelity_per_class"]) == 10
+
+
+def test_finetune_drops_a_share_of_conditions_for_guidance():
+    from prunekit.diffusion.methods import drop_conditions
+
+    pipe = tiny_pipe()
+    with torch.no_grad():
+        cond = pipe.condition(torch.arange(200) % 10, guidance=True)
+    out = drop_conditions(cond, 0.25, torch.Generator().manual_seed(0))
+    null = (out.hidden == cond.null_hidden).flatten(1).all(1)
+    kept = (out.hidden == cond.hidden).flatten(1).all(1)
+    assert bool((null | kept).all()) and 30 <= int(null.sum()) <= 70
+    assert torch.equal(drop_conditions(cond, 0.0, torch.Generator()).hidden, cond.hidden)

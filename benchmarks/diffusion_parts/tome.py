@@ -28,7 +28,7 @@ def run(ctx) -> dict:
         import tomesd  # noqa: F401
 
         for r in RATIOS:
-            rows.append(ctx.measure(f"tomesd {r}", build=peer(r)))
+            rows.append(ctx.measure(f"tomesd {r}", build=peer(r), spec={"max_downsample": 2}))
     except ImportError:
         findings.append("tomesd is not installed (pip install tomesd==0.1.3, the peers extra): no peer rows.")
     for r in rows:

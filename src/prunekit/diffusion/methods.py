@@ -37,6 +37,22 @@ class FinetuneConfig(Config):
     lr: float = 5e-4
     batch_size: int = 64
     distill: float = 1.0
+    p_uncond: float = 0.1  # share of conditions replaced by the null one (keeps classifier-free guidance working)
+
+
+def drop_conditions(cond: Condition, p: float, generator: torch.Generator) -> Condition:
+    """``cond`` with a share ``p`` of its rows replaced by the null condition (the training side of
+    classifier-free guidance); unchanged when it has no null part or ``p`` is 0."""
+    if p <= 0 or not cond.guided:
+        return Condition(cond.hidden, cond.labels)
+    drop = torch.rand(len(cond), generator=generator) < p
+
+    def mix(a, b):
+        if a is None or b is None:
+            return a
+        return torch.where(drop.view(-1, *([1] * (a.dim() - 1))), b, a)
+
+    return Condition(mix(cond.hidden, cond.null_hidden), mix(cond.labels, cond.null_labels))
 
 
 class DiffusionRecipe(Config):
@@ -109,7 +125,7 @@ def finetune(pipe: Pipeline, ctx: Context, cfg: FinetuneConfig, masks=None, unet
     def loss_fn(model, batch):
         x0, y = batch
         with torch.no_grad():
-            cond = pipe.condition(y, guidance=False)
+            cond = drop_conditions(pipe.condition(y, guidance=cfg.p_uncond > 0), cfg.p_uncond, g)
         return denoise_loss(pipe, x0, cond, generator=g, teacher=teacher, distill=cfg.distill, unet=net)
 
     res = train_loop(net, opt, [training_batches(ctx, pipe, cfg.steps, cfg.batch_size, g)], loss_fn,

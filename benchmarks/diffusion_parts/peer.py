@@ -1,0 +1,57 @@
+"""Channel pruning side by side with Torch-Pruning's own diffusion example settings (Diff-Pruning's
+``ddpm_prune.py``: ``MagnitudePruner`` with magnitude importance, one step, the same channel ratio in every layer
+(0.3), ``conv_out`` ignored, the Up/Downsample ``channels`` attributes fixed after pruning) on the same model, then
+the same fine-tune and metric; prunekit's ``channels`` at the MAC cut Torch-Pruning reached. Torch-Pruning's
+result is not a stock config (its script pickles the module); prunekit's reloads with ``from_pretrained``."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+TP_RATIO = 0.3  # the example's --pruning_ratio
+
+
+def _tp_build(ctx):
+    def build(ref):
+        import torch_pruning as tp
+        from diffusers.models.resnet import Downsample2D, Upsample2D
+
+        from prunekit.diffusion.methods import FinetuneConfig, build_context, finetune
+
+        pipe = ref.clone()
+        m = copy.deepcopy(ref.unet).eval()
+        ex = {"sample": torch.randn(1, *ref.in_shape()), "timestep": torch.ones((1,)).long(),
+              "encoder_hidden_states": torch.randn(1, ref.prompts.length, m.config.cross_attention_dim)}
+        pr = tp.pruner.MagnitudePruner(m, ex, importance=tp.importance.MagnitudeImportance(), iterative_steps=1,
+                                       pruning_ratio=TP_RATIO, ignored_layers=[m.conv_out])
+        pr.step()
+        for mod in m.modules():
+            if isinstance(mod, (Upsample2D, Downsample2D)):
+                mod.channels, mod.out_channels = mod.conv.in_channels, mod.conv.out_channels
+        pipe.unet = m
+        rec = ctx.recipe("channels", 0.3)
+        c = build_context(ref, rec, progress=True)
+        info = {"finetune": finetune(pipe, c, FinetuneConfig(steps=ctx.finetune, batch_size=64))}
+        return pipe, info
+    return build
+
+
+def run(ctx) -> dict:
+    dense = ctx.measure("dense")
+    peer = ctx.measure(f"torch-pruning example (ratio {TP_RATIO}) +ft", build=_tp_build(ctx),
+                       spec={"tp_ratio": TP_RATIO, "finetune": ctx.finetune})
+    cut = 1 - peer["unet_macs_M"] / dense["unet_macs_M"]
+    # the width search keeps the largest model within the budget; widths come in steps of 8, so a little slack
+    # lands it next to Torch-Pruning's cost instead of a step below
+    ours = ctx.measure(f"prunekit channels {cut:.0%} +ft", ctx.recipe("channels", round(cut - 0.02, 3)))
+    rows = [dense, peer, ours]
+    for r in rows:
+        r["macs_cut_%"] = round(100 * (1 - r["unet_macs_M"] / dense["unet_macs_M"]), 1)
+        r.pop("info", None) if r is not ours else None
+    return {"setup": f"Both fine-tuned {ctx.finetune} steps (denoising + distillation from the dense UNet); "
+                     f"{ctx.samples} samples.", "rows": rows,
+            "findings": [f"At {cut:.0%} fewer UNet MACs: Torch-Pruning's example settings {peer['class_fidelity']} "
+                         f"fidelity / FID {peer['fid']} vs prunekit channels {ours['class_fidelity']} / FID "
+                         f"{ours['fid']} (widths {ours.get('info', {}).get('widths')})."]}
