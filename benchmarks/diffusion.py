@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_parts
 
 CACHE = Path.home() / ".cache" / "prunekit" / "benchmarks" / "diffusion"
-PARTS = ("dense", "methods", "aptp", "ldpruner", "tome", "peer", "sweep")
+PARTS = ("dense", "control", "methods", "aptp", "ldpruner", "tome", "peer", "sweep")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
