@@ -122,7 +122,7 @@ def test_zoo_lists_assets():
     # every family's bundled assets, with how each installs and whether it is here
     for name in ("smollm2-135m", "shakespeare", "pydoc", "efficientnet-lite0", "fashion-mnist", "digits", "minilm"):
         assert name in items and items[name]["install"] and isinstance(items[name]["available"], bool)
-    assert {a["family"] for a in items.values()} == {"llm", "vision", "data", "tokens", "context"}
+    assert {a["family"] for a in items.values()} == {"llm", "vision", "data", "tokens", "context", "diffusion"}
     assert items["pydoc"]["available"] and items["digits"]["available"]
 
 
