@@ -480,7 +480,7 @@ def load_extras(root, pipe: Pipeline) -> None:
         d = root / EXPERTS / str(k)
         if not any(d.glob("*.safetensors")):
             raise PruneError(f"{d} has no safetensors weights; the APTP expert {k} is missing.")
-        experts.append(cls.from_pretrained(d, use_safetensors=True).eval())
+        experts.append(cls.from_pretrained(d, use_safetensors=True, trust_remote_code=False).eval())
     pipe.extras["aptp"] = {"router": router.eval(), "experts": experts, "codes": cfg.get("codes", [])}
     return
 

@@ -238,7 +238,7 @@ def _load_part(root: Path, sub: str, cls):
         return None
     if not any(d.glob("*.safetensors")):
         raise PruneError(f"{d} has no safetensors weights; prunekit never unpickles weights.")
-    return cls.from_pretrained(d, use_safetensors=True)
+    return cls.from_pretrained(d, use_safetensors=True, trust_remote_code=False)  # stock classes only
 
 
 def unet_class(root: Path):
