@@ -84,7 +84,10 @@ class Ctx:
         from prunekit.diffusion import prune
         from prunekit.diffusion.evaluate import evaluate, generate
 
-        spec = {"label": label, "recipe": None if recipe is None else recipe.model_dump(mode="json"),
+        rec = None if recipe is None else recipe.model_dump(mode="json")
+        if rec is not None and not rec["finetune"]["steps"]:
+            rec["finetune"].pop("ema", None)  # settings of a fine-tune that never runs do not change the row
+        spec = {"label": label, "recipe": rec,
                 "samples": self.samples, "steps": self.steps, "guidance": self.guidance, "spec": spec}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
         p = self._path(key + ".json")

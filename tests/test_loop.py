@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.core.loop import LR_SCHEDULES, kd_loss, make_optimizer, make_schedule, train_loop
+from prunekit.core.loop import LR_SCHEDULES, WeightAverage, kd_loss, make_optimizer, make_schedule, train_loop
 from prunekit.core.masks import Masks
 from prunekit.errors import PruneError
 from prunekit.vision.schedules import Gradual, Lottery, OneShot, cubic_sparsity, pruner
@@ -78,6 +78,51 @@ def test_interrupt_leaves_masks_applied_and_detached():
     with pytest.raises(KeyboardInterrupt):
         train_loop(model, opt, _epochs(64, 8, 1), _ce(x, y), masks=masks, after_step=stop, progress=False)
     assert masks._handles == [] and int((model[0].weight != 0).sum()) <= 10
+
+
+def test_ema_leaves_the_weight_average_in_the_model_with_masks_held():
+    (x, y) = _data()
+    masks = Masks.from_scores({"0.weight": torch.rand(16, 8, generator=torch.Generator().manual_seed(2))}, {"0.weight": 40})
+    # the same run twice: once recording every step's weights, once with ema=0.9
+    model = _net()
+    start = [p.detach().clone() for p in model.parameters()]
+    trail = []
+    opt = make_optimizer(model.parameters(), "sgd", 0.1)
+    train_loop(model, opt, _epochs(64, 16, 3), _ce(x, y), masks=masks, progress=False,
+               after_step=lambda *a: trail.append([p.detach().clone() for p in model.parameters()]))
+    last = [p.detach().clone() for p in model.parameters()]
+    expect = [s.clone() for s in start]
+    for step, ws in enumerate(trail, 1):
+        d = min(0.9, (1 + step) / (10 + step))
+        expect = [e * d + w * (1 - d) for e, w in zip(expect, ws)]
+    model2 = _net()
+    masks2 = Masks.from_scores({"0.weight": torch.rand(16, 8, generator=torch.Generator().manual_seed(2))}, {"0.weight": 40})
+    res = train_loop(model2, make_optimizer(model2.parameters(), "sgd", 0.1), _epochs(64, 16, 3), _ce(x, y),
+                     masks=masks2, progress=False, ema=0.9)
+    got = list(model2.parameters())
+    assert res.step == 12
+    for g, e, l in zip(got, expect, last):
+        assert not torch.allclose(e, l)  # the average is not the last weights
+    expect[0] = expect[0] * masks2["0.weight"]  # the removed weights stay removed
+    for g, e in zip(got, expect):
+        assert torch.allclose(g, e, atol=1e-6)
+    assert int((model2[0].weight != 0).sum()) == 40
+
+
+def test_ema_is_not_copied_when_the_loop_is_interrupted_and_bad_decay_is_a_sentence():
+    model, (x, y) = _net(), _data()
+    opt = make_optimizer(model.parameters(), "sgd", 0.1)
+    seen = []
+
+    def stop(step, *a):
+        seen.append(model[2].weight.detach().clone())
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(model, opt, _epochs(64, 8, 1), _ce(x, y), after_step=stop, progress=False, ema=0.99)
+    assert torch.equal(model[2].weight, seen[-1])  # the live weights, not an average of them
+    with pytest.raises(PruneError, match=r"decay must be in \(0, 1\)"):
+        WeightAverage(model, 1.0)
 
 
 def test_a_nonfinite_loss_is_one_sentence():

@@ -16,12 +16,18 @@ def run(ctx) -> dict:
     rows = [dense, ap, static]
     for r in rows:
         r["macs_cut_%"] = round(100 * (1 - r["unet_macs_M"] / dense["unet_macs_M"]), 1)
+    widths = [tuple(e["widths"]) for e in ap["info"].get("experts", [])]
+    distinct = len(set(widths)) > 1
     targets = [{"target": "APTP beats the best single static architecture of the same average cost on FID",
                 "met": ap["fid"] < static["fid"] and ap["unet_macs_M"] <= static["unet_macs_M"] * 1.02,
                 "detail": f"APTP FID {ap['fid']} (fidelity {ap['class_fidelity']}, {ap['unet_macs_M']} M MACs on "
                           f"average, experts {ap['info'].get('experts')}) vs static FID {static['fid']} (fidelity "
                           f"{static['class_fidelity']}, {static['unet_macs_M']} M MACs, widths "
-                          f"{static['info'].get('widths')})"}]
+                          f"{static['info'].get('widths')}); the experts' architectures "
+                          + ("differ" if distinct else
+                             "are the same after rounding to stock widths, so the gain comes from each expert being "
+                             "fine-tuned on its own conditions (APTP's specialisation), not from routing between "
+                             "sizes")}]
     return {"setup": "APTP: router (MLP on the mean-pooled prompt embedding) + Gumbel-sigmoid width codes, "
                      f"{steps} steps of 32 with the UNet frozen (denoising + distillation + resource on the routed "
                      "average + Sinkhorn-balanced assignment), then each expert a stock UNet fine-tuned "

@@ -11,10 +11,13 @@ def run(ctx) -> dict:
 
         pipe = ref.clone()
         c = build_context(ref, ctx.recipe("magnitude", 0.5), progress=True)
-        return pipe, {"finetune": finetune(pipe, c, FinetuneConfig(steps=ctx.finetune, batch_size=64))}
+        return pipe, {"finetune": finetune(pipe, c, ft_cfg)}
 
+    from prunekit.diffusion.methods import FinetuneConfig
+
+    ft_cfg = FinetuneConfig(steps=ctx.finetune, batch_size=64)
     dense = ctx.measure("dense")
-    ft = ctx.measure("dense +ft (control)", build=build, spec={"finetune": ctx.finetune})
+    ft = ctx.measure("dense +ft (control)", build=build, spec={"finetune": ft_cfg.model_dump(mode="json")})
     return {"setup": f"The dense UNet fine-tuned {ctx.finetune} steps with the recipe every '+ft' row uses.",
             "rows": [dense, ft],
             "top_level": {"dense_ft_class_fidelity": ft["class_fidelity"], "dense_ft_fid": ft["fid"]}}

@@ -13,6 +13,13 @@ import torch
 TP_RATIO = 0.3  # the example's --pruning_ratio
 
 
+def _ft(ctx) -> dict:
+    """The fine-tune every '+ft' row uses (its settings are part of the memo key)."""
+    from prunekit.diffusion.methods import FinetuneConfig
+
+    return FinetuneConfig(steps=ctx.finetune, batch_size=64).model_dump(mode="json")
+
+
 def _tp_build(ctx):
     def build(ref):
         import torch_pruning as tp
@@ -33,7 +40,7 @@ def _tp_build(ctx):
         pipe.unet = m
         rec = ctx.recipe("channels", 0.3)
         c = build_context(ref, rec, progress=True)
-        info = {"finetune": finetune(pipe, c, FinetuneConfig(steps=ctx.finetune, batch_size=64))}
+        info = {"finetune": finetune(pipe, c, FinetuneConfig(**_ft(ctx)))}
         return pipe, info
     return build
 
@@ -41,7 +48,7 @@ def _tp_build(ctx):
 def run(ctx) -> dict:
     dense = ctx.measure("dense")
     peer = ctx.measure(f"torch-pruning example (ratio {TP_RATIO}) +ft", build=_tp_build(ctx),
-                       spec={"tp_ratio": TP_RATIO, "finetune": ctx.finetune})
+                       spec={"tp_ratio": TP_RATIO, "finetune": ctx.finetune, "ft": _ft(ctx)})
     cut = 1 - peer["unet_macs_M"] / dense["unet_macs_M"]
     # the width search keeps the largest model within the budget; widths come in steps of 8, so a little slack
     # lands it next to Torch-Pruning's cost instead of a step below

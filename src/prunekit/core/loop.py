@@ -6,7 +6,9 @@ schedule), ``loss, out = loss_fn(model, batch)``, a finite-loss check, ``zero_gr
 gradient clipping, ``optimizer.step()`` (the attached masks zero the removed weights' gradients before it and the
 weights after it), ``scheduler.step()``, then ``after_step``. The loop owns the progress bar and leaves the model
 with its masks applied and detached whether it ends, fails or is interrupted (Ctrl-C propagates as
-``KeyboardInterrupt`` once everything is put in order).
+``KeyboardInterrupt`` once everything is put in order). With ``ema > 0`` the loop keeps an exponential moving
+average of the weights (:class:`WeightAverage`) and, when it ends normally, leaves the model holding the average
+(masks applied): the usual last step of diffusion and other generative training.
 
 Optimizers (:func:`make_optimizer`) and learning-rate schedules (:data:`LR_SCHEDULES`) are named here, and the
 distillation term :func:`kd_loss` is shared by every family that distills.
@@ -103,6 +105,29 @@ def make_schedule(opt, name: str, total: int, *, warmup: int = 0, min_factor: fl
                                                pct_start=pct_start)
 
 
+class WeightAverage:
+    """An exponential moving average of a module's parameters. The decay warms up as
+    ``min(decay, (1 + step) / (10 + step))`` so that a short run is not dominated by its starting weights."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise PruneError(f"The weight average's decay must be in (0, 1); got {decay}.")
+        self.decay = float(decay)
+        self.params = [p for p in module.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
 @dataclass
 class LoopResult:
     """What :func:`train_loop` did: the global step it ended on, every step's loss, its wall time, and the masks in
@@ -141,6 +166,7 @@ def train_loop(
     progress: bool = True,
     diverged: Callable[[int, float], str] | None = None,
     postfix: Callable[[], dict] | None = None,
+    ema: float = 0.0,
 ) -> LoopResult:
     """Train ``model`` over ``epochs`` (an iterable of per-epoch iterables of batches).
 
@@ -149,8 +175,11 @@ def train_loop(
     ``after_step(step, epoch, batch, out, loss)`` sees each finished step (``step`` counts from ``step0 + 1``);
     ``on_epoch(epoch, step, result)`` after each epoch. ``clip = (params, max_norm)`` clips the gradient norm.
     A non-finite loss raises :class:`PruneError` with ``diverged(step, value)`` as its sentence (default: lower
-    the learning rate). Returns a :class:`LoopResult`.
+    the learning rate). ``ema`` in (0, 1): after each step (before ``after_step``) a :class:`WeightAverage` of
+    the parameters is updated, and a loop that ends normally copies it into the model. Returns a
+    :class:`LoopResult`.
     """
+    average = WeightAverage(model, ema) if ema else None
     result = LoopResult(step0, masks=masks)
     if masks is not None:
         masks.attach(model, opt)
@@ -185,6 +214,8 @@ def train_loop(
                     scheduler.step()
                 result.step += 1
                 result.losses.append(value)
+                if average is not None:
+                    average.update(result.step)
                 if after_step is not None:
                     after_step(result.step, epoch, batch, out, loss)
                 running = value if running is None else 0.9 * running + 0.1 * value
@@ -198,6 +229,8 @@ def train_loop(
                     bar.set_postfix(shown, refresh=False)
             if on_epoch is not None:
                 on_epoch(epoch, result.step, result)
+        if average is not None and result.step > step0:
+            average.copy_to()
     finally:
         bar.close()
         result.seconds = time.perf_counter() - t0

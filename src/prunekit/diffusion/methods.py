@@ -38,6 +38,7 @@ class FinetuneConfig(Config):
     batch_size: int = 64
     distill: float = 1.0
     p_uncond: float = 0.1  # share of conditions replaced by the null one (keeps classifier-free guidance working)
+    ema: float = 0.999  # weight average kept by the loop and left in the UNet at the end (0: the last weights)
 
 
 def drop_conditions(cond: Condition, p: float, generator: torch.Generator) -> Condition:
@@ -130,7 +131,7 @@ def finetune(pipe: Pipeline, ctx: Context, cfg: FinetuneConfig, masks=None, unet
 
     res = train_loop(net, opt, [training_batches(ctx, pipe, cfg.steps, cfg.batch_size, g)], loss_fn,
                      scheduler=sched, masks=masks, total=cfg.steps, desc=desc, progress=ctx.progress,
-                     clip=(params, 1.0))
+                     clip=(params, 1.0), ema=cfg.ema)
     net.eval()
     return res.summary()
 

@@ -12,7 +12,6 @@ directory (``pipeline.save``) whose record holds the recipe and the training tim
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
 from pathlib import Path
@@ -92,7 +91,6 @@ def train(cfg: ReferenceConfig, progress: bool = True) -> tuple[Pipeline, dict]:
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     opt = make_optimizer(params, "adamw", cfg.lr, weight_decay=0.0)
     sched = make_schedule(opt, "warmup-cosine", cfg.steps, warmup=cfg.warmup, min_factor=0.05)
-    ema = copy.deepcopy(torch.nn.ModuleDict({"unet": pipe.unet, "text": pipe.text_encoder})).eval()
     live = torch.nn.ModuleDict({"unet": pipe.unet, "text": pipe.text_encoder})
 
     def batches():
@@ -115,18 +113,12 @@ def train(cfg: ReferenceConfig, progress: bool = True) -> tuple[Pipeline, dict]:
         cond = Condition(hidden=pipe.text_encoder(input_ids=tok).last_hidden_state)
         return denoise_loss(pipe, xb, cond, generator=g)
 
-    @torch.no_grad()
-    def after(step, *_):
-        d = min(cfg.ema, (1 + step) / (10 + step))
-        for pe, pl in zip(ema.parameters(), live.parameters()):
-            pe.lerp_(pl, 1 - d)
-
     t0 = time.perf_counter()
-    res = train_loop(live, opt, [batches()], loss_fn, scheduler=sched, after_step=after, total=cfg.steps,
+    res = train_loop(live, opt, [batches()], loss_fn, scheduler=sched, ema=cfg.ema, total=cfg.steps,
                      desc="train the reference DDPM", progress=progress,
                      clip=(params, 1.0))
     seconds = time.perf_counter() - t0
-    pipe.unet, pipe.text_encoder = ema["unet"].eval(), ema["text"].eval()
+    pipe.unet.eval(), pipe.text_encoder.eval()  # the loop left the weight average in them
     info = {"loss_last": res.summary()["loss_last"], "seconds": seconds, "threads": cfg.threads}
     return pipe, info
 
