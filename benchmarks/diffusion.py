@@ -86,7 +86,7 @@ class Ctx:
 
         rec = None if recipe is None else recipe.model_dump(mode="json")
         if rec is not None and not rec["finetune"]["steps"]:
-            rec["finetune"].pop("ema", None)  # settings of a fine-tune that never runs do not change the row
+            rec["finetune"] = {"steps": 0}  # the settings of a fine-tune that never runs do not change the row
         spec = {"label": label, "recipe": rec,
                 "samples": self.samples, "steps": self.steps, "guidance": self.guidance, "spec": spec}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]

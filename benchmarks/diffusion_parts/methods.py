@@ -19,7 +19,10 @@ def run(ctx) -> dict:
         ("channels 45% +ft", ctx.recipe("channels", 0.45)),
         ("channels 30% no ft", ctx.recipe("channels", 0.3, finetune=0)),
     ]
-    rows = [dense]
+    from diffusion_parts.control import control_row
+
+    control = control_row(ctx)
+    rows = [dense, control]
     for label, rec in specs:
         rows.append(ctx.measure(label, rec))
     for r in rows:
@@ -30,11 +33,16 @@ def run(ctx) -> dict:
                 "met": bool(best and best["class_fidelity"] >= dense["class_fidelity"] - 3),
                 "detail": (f"best at >= 30% fewer MACs: {best['label']} {best['class_fidelity']} "
                            f"({best['macs_cut_%']}% fewer MACs, FID {best['fid']}) vs dense {dense['class_fidelity']} "
-                           f"(FID {dense['fid']})") if best else "no method reached 30% fewer MACs"}]
+                           f"(FID {dense['fid']}); the dense model fine-tuned alone (control) {control['class_fidelity']} "
+                           f"(FID {control['fid']})") if best else "no method reached 30% fewer MACs"}]
     from diffusion import RESULTS, sample_grid
 
     if not ctx.quick:
         sample_grid(rows, ctx, RESULTS / "diffusion_samples.png")
-    return {"setup": f"{ctx.finetune} fine-tune steps of 64 (AdamW 5e-4, warmup-cosine) for every '+ft' row; "
+    from prunekit.diffusion.methods import FinetuneConfig
+
+    ft = FinetuneConfig()
+    return {"setup": f"{ctx.finetune} fine-tune steps of 64 (AdamW {ft.lr:g}, warmup-cosine, weight average "
+                     f"{ft.ema:g}) for every '+ft' row; "
                      f"{ctx.samples} samples, {ctx.steps} DDIM steps, guidance {ctx.guidance}.",
             "rows": rows, "targets": targets}
