@@ -67,12 +67,12 @@ class Ctx:
             self._memo["ref"] = load(self._memo["ref_dir"])
         return self._memo["ref"]
 
-    def recipe(self, method: str, ratio=None, finetune: int | None = None, **options):
+    def recipe(self, method: str, ratio=None, finetune: int | None = None, ft_lr: float | None = None, **options):
         from prunekit.diffusion import DiffusionRecipe
 
         ft = self.finetune if finetune is None else finetune
         return DiffusionRecipe.make(method=method, ratio=ratio, options=options,
-                                    finetune={"steps": ft, "batch_size": 64},
+                                    finetune={"steps": ft, "batch_size": 64, **({"lr": ft_lr} if ft_lr else {})},
                                     calib_samples=32 if not self.quick else 10, calib_steps=10 if not self.quick else 3)
 
     def _path(self, key: str) -> Path:

@@ -16,7 +16,7 @@ def run(ctx) -> dict:
         ("ld-pruner 15% +ft", ctx.recipe("ld-pruner", 0.15)),
         ("ld-pruner 25% +ft", ctx.recipe("ld-pruner", 0.25)),
         ("channels 30% +ft", ctx.recipe("channels", 0.3)),
-        ("channels 45% +ft", ctx.recipe("channels", 0.45)),
+        ("channels 44% +ft", ctx.recipe("channels", 0.44)),  # widths come in steps of 8: 0.45 would land on 64.6%
         ("channels 30% no ft", ctx.recipe("channels", 0.3, finetune=0)),
     ]
     from diffusion_parts.control import control_row
