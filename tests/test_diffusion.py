@@ -353,3 +353,20 @@ def test_finetune_drops_a_share_of_conditions_for_guidance():
     kept = (out.hidden == cond.hidden).flatten(1).all(1)
     assert bool((null | kept).all()) and 30 <= int(null.sum()) <= 70
     assert torch.equal(drop_conditions(cond, 0.0, torch.Generator()).hidden, cond.hidden)
+
+
+def test_finetune_leaves_the_weight_average_when_asked():
+    from prunekit.diffusion.methods import FinetuneConfig, finetune
+
+    base = tiny_pipe()
+    rec = recipe(method="magnitude", ratio=0.5)
+    ctx = context(base, rec)
+    got = {}
+    for ema in (0.0, 0.9):
+        pipe = base.clone()
+        finetune(pipe, ctx, FinetuneConfig(steps=4, batch_size=4, lr=1e-2, ema=ema))
+        got[ema] = pipe.unet.conv_in.weight.detach().clone()
+    start = base.unet.conv_in.weight
+    # the same seeded steps either way: only the average differs, and it lies between the start and the end
+    assert not torch.equal(got[0.0], start) and not torch.allclose(got[0.9], got[0.0])
+    assert (got[0.9] - start).norm() < (got[0.0] - start).norm()
