@@ -316,6 +316,9 @@ def test_cli_bad_input_is_one_sentence_and_writes_nothing(tmp_path):
         rc, _, err = invoke("diffusion", "prune", tmp_path / "p", *args, "--out", tmp_path / "o")
         assert rc == 2 and words in error_line(err), (args, err)
         assert not (tmp_path / "o").exists()
+    (tmp_path / "r.json").write_text('{"method": "channels", "ratio": 0.3, "finetune": {"steps": 2, "ema": 1.0}}')
+    rc, _, err = invoke("diffusion", "prune", tmp_path / "p", "--recipe", tmp_path / "r.json", "--out", tmp_path / "o")
+    assert rc == 2 and "finetune.ema" in error_line(err) and not (tmp_path / "o").exists()
     rc, _, err = invoke("diffusion", "eval", tmp_path / "p", "--samples", "5")
     assert rc == 2 and "--samples" in error_line(err)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from prunekit.core.config import Config
@@ -40,7 +41,7 @@ class FinetuneConfig(Config):
     batch_size: int = 64
     distill: float = 1.0
     p_uncond: float = 0.1  # share of conditions replaced by the null one (keeps classifier-free guidance working)
-    ema: float = 0.999  # weight average kept by the loop and left in the UNet at the end (0: the last weights)
+    ema: float = Field(0.999, ge=0.0, lt=1.0)  # weight average left in the UNet at the end (0: the last weights)
 
 
 def drop_conditions(cond: Condition, p: float, generator: torch.Generator) -> Condition:

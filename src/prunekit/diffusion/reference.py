@@ -118,7 +118,8 @@ def train(cfg: ReferenceConfig, progress: bool = True) -> tuple[Pipeline, dict]:
                      desc="train the reference DDPM", progress=progress,
                      clip=(params, 1.0))
     seconds = time.perf_counter() - t0
-    pipe.unet.eval(), pipe.text_encoder.eval()  # the loop left the weight average in them
+    pipe.unet.eval()  # the loop left the weight average in the UNet and the text encoder
+    pipe.text_encoder.eval()
     info = {"loss_last": res.summary()["loss_last"], "seconds": seconds, "threads": cfg.threads}
     return pipe, info
 
